@@ -1,0 +1,298 @@
+"""Configuration: one frozen dataclass, one `parse`, TOML keys named like the CLI flags.
+
+Every refusal is one line that names the key and says how to fix it (ConfigError).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from resolver.core.model import Endpoint
+from resolver.errors import ConfigError
+
+DNS_PORT = 53
+RESOLV_CONF = Path("/etc/resolv.conf")
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolver's settings. TOML keys and `resolver serve` flags share these names."""
+
+    listen: tuple[Endpoint, ...] = ()
+    """Addresses to answer on, UDP and TCP. Empty: 127.0.0.1:53, plus [::1]:53 when IPv6
+    loopback exists."""
+
+    upstream: tuple[Endpoint, ...] = ()
+    """Primary upstream servers (your recursive cluster). Empty: the nameservers of
+    /etc/resolv.conf."""
+
+    fallback: tuple[Endpoint, ...] = ()
+    """Fallback servers (e.g. the VPC resolver), asked only after every primary failed."""
+
+    upstream_pps: int | None = None
+    """Packets per second allowed to each upstream (given behaviour by upstream protection)."""
+
+    metrics: Endpoint | None = None
+    """HOST:PORT for the Prometheus endpoint (given behaviour by the operations work)."""
+
+    control: str | None = None
+    """Path of the control socket (given behaviour by the operations work)."""
+
+    allow: tuple[str, ...] = LOOPBACK_NETWORKS
+    """Client networks answered; everyone else gets REFUSED."""
+
+    cache_max_entries: int = 200_000
+    """Most answers the cache holds; the least recently used go first."""
+
+    cache_max_bytes: int = 256 * 1024 * 1024
+    """Most bytes the cache accounts for (wire bytes plus per-entry overhead)."""
+
+    min_ttl_seconds: int = 0
+    """Positive answers are cached at least this long."""
+
+    max_ttl_seconds: int = 86400
+    """Positive answers are cached at most this long, and no TTL handed out exceeds it."""
+
+    max_negative_ttl_seconds: int = 3600
+    """NXDOMAIN/NODATA are cached at most this long (RFC 2308 5 suggests 1 to 3 hours)."""
+
+    failure_ttl_seconds: float = 5.0
+    """How long a failed resolution answers SERVFAIL from cache (RFC 9520: 1 s to 5 min)."""
+
+    upstream_timeout_seconds: float = 1.0
+    """How long one try waits for an upstream before asking the next."""
+
+    query_deadline_seconds: float = 4.0
+    """How long a miss may take in all before the client gets SERVFAIL; keep it below the
+    MTA's own resolver timeout (glibc: 5 s) so the SERVFAIL arrives while someone listens."""
+
+    max_tries: int = 4
+    """Most upstream tries per miss, all upstreams together."""
+
+    tcp_idle_timeout_seconds: float = 10.0
+    """A client TCP connection with nothing in flight is closed after this (RFC 7766 6.2.3)."""
+
+    tcp_max_connections: int = 256
+    """Most client TCP connections at once; past it the oldest idle one is closed."""
+
+    udp_buffer_bytes: int = 4 * 1024 * 1024
+    """Socket receive/send buffer asked of the kernel for each UDP listener."""
+
+    log_level: str = "info"
+    """debug, info, warning or error."""
+
+    source: str = field(default="defaults", compare=False)
+    """Where this configuration came from (for messages only; not a TOML key)."""
+
+
+_NOT_KEYS = {"source"}
+_LIMITS: dict[str, tuple[float, float]] = {
+    "cache_max_entries": (1, 100_000_000),
+    "cache_max_bytes": (64 * 1024, 1 << 40),
+    "min_ttl_seconds": (0, 86400),
+    "max_ttl_seconds": (1, 7 * 86400),
+    "max_negative_ttl_seconds": (0, 86400),
+    "failure_ttl_seconds": (1, 300),  # RFC 9520 3.2: at least 1 s, at most 5 min
+    "upstream_timeout_seconds": (0.01, 30),
+    "query_deadline_seconds": (0.05, 60),
+    "max_tries": (1, 20),
+    "tcp_idle_timeout_seconds": (0.1, 3600),
+    "tcp_max_connections": (1, 100_000),
+    "udp_buffer_bytes": (65536, 1 << 30),
+    "upstream_pps": (1, 10_000_000),
+}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_endpoint(text: str, default_port: int = DNS_PORT, key: str = "address") -> Endpoint:
+    """`1.2.3.4`, `1.2.3.4:53`, `::1`, `[::1]:53` → Endpoint; refuses host names."""
+    text = str(text).strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{key}: '{text}' is not an address: write [V6ADDR]:PORT")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{key}: '{text}' is not an IP address: write HOST:PORT with a "
+                          "numeric address such as 127.0.0.1:53 or [::1]:53") from None
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ConfigError(f"{key}: port in '{text}' must be a number from 0 to 65535")
+        port = int(port_text)
+    return Endpoint(host, port)
+
+
+def _endpoints(key: str, value: Any) -> tuple[Endpoint, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: must be a list of \"HOST:PORT\" strings")
+    out = []
+    for item in value:
+        if isinstance(item, Mapping):
+            # [[upstream]] tables (address, role, pps, burst): role is honoured now, budgets
+            # arrive with upstream protection.
+            item = item.get("address", "")
+        out.append(parse_endpoint(item, key=key))
+    return tuple(out)
+
+
+def _number(key: str, value: Any, kind: type) -> float | int:
+    low, high = _LIMITS[key]
+    ok_type = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int and isinstance(value, float):
+        ok_type = False
+    if not ok_type or not low <= value <= high:
+        unit = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{key}: must be {unit} from {low:g} to {high:g} (got {value!r})")
+    return kind(value)
+
+
+def parse(mapping: Mapping[str, Any], source: str = "config") -> Config:
+    """Build a Config from TOML-like data; unknown keys and bad values raise ConfigError."""
+    known = {f.name: f for f in fields(Config) if f.name not in _NOT_KEYS}
+    values: dict[str, Any] = {"source": source}
+    mapping = dict(mapping)
+    # `[[upstream]]` entries with role = "fallback" belong to the fallback list.
+    if isinstance(mapping.get("upstream"), list):
+        primaries, fallbacks = [], list(_as_list(mapping.get("fallback", [])))
+        for item in mapping["upstream"]:
+            role = item.get("role", "primary") if isinstance(item, Mapping) else "primary"
+            if role not in ("primary", "fallback"):
+                raise ConfigError(f"upstream: role '{role}' must be \"primary\" or \"fallback\"")
+            (fallbacks if role == "fallback" else primaries).append(item)
+        mapping["upstream"] = primaries
+        if fallbacks:
+            mapping["fallback"] = fallbacks
+    for key, value in mapping.items():
+        if key not in known:
+            close = [k for k in known if k.split("_")[0] == key.split("_")[0]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{key}: unknown key in {source}{hint}: remove it or fix its name")
+        if key in ("listen", "upstream", "fallback"):
+            values[key] = _endpoints(key, value)
+        elif key == "metrics":
+            values[key] = None if value in (None, "") else parse_endpoint(value, 9153, key)
+        elif key == "control":
+            if not isinstance(value, str):
+                raise ConfigError("control: must be a socket path string")
+            values[key] = value or None
+        elif key == "allow":
+            values[key] = _networks(value)
+        elif key == "log_level":
+            if value not in _LOG_LEVELS:
+                raise ConfigError(f"log_level: must be one of {', '.join(_LOG_LEVELS)}")
+            values[key] = value
+        else:
+            kind = int if "int" in str(known[key].type) else float
+            values[key] = _number(key, value, kind)
+    config = Config(**values)
+    _check_consistency(config)
+    return config
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _networks(value: Any) -> tuple[str, ...]:
+    out = []
+    for item in _as_list(value):
+        try:
+            out.append(str(ipaddress.ip_network(str(item), strict=False)))
+        except ValueError:
+            raise ConfigError(f"allow: '{item}' is not a network: write CIDRs such as "
+                              "127.0.0.0/8 or ::1/128") from None
+    return tuple(out)
+
+
+def _check_consistency(config: Config) -> None:
+    if config.min_ttl_seconds > config.max_ttl_seconds:
+        raise ConfigError("min_ttl_seconds: must not exceed max_ttl_seconds")
+    if config.upstream_timeout_seconds > config.query_deadline_seconds:
+        raise ConfigError("upstream_timeout_seconds: must not exceed query_deadline_seconds")
+
+
+def load(path: str | Path) -> Config:
+    """Read and parse a TOML file; every problem becomes one ConfigError line."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+    return parse(data, source=str(path))
+
+
+def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
+    """Flags override the file: only values actually given (not None, not empty) apply."""
+    given = {k: v for k, v in overrides.items() if v not in (None, (), [])}
+    if not given:
+        return config
+    merged = {f.name: getattr(config, f.name) for f in fields(Config) if f.name not in _NOT_KEYS}
+    parsed = parse({k: v for k, v in given.items()}, source="command line")
+    for key in given:
+        merged[key] = getattr(parsed, key)
+    result = dataclasses.replace(config, **{k: merged[k] for k in given})
+    _check_consistency(result)
+    return result
+
+
+def resolv_conf_nameservers(text: str) -> tuple[Endpoint, ...]:
+    """The `nameserver` lines of a resolv.conf, in order (port 53; scoped v6 dropped)."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split("#", 1)[0].split(";", 1)[0].split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                out.append(Endpoint(str(ipaddress.ip_address(parts[1])), DNS_PORT))
+            except ValueError:
+                continue  # e.g. fe80::1%eth0: link-local with a scope we cannot use here
+    return tuple(out)
+
+
+def default_listen(ipv6_loopback: bool) -> tuple[Endpoint, ...]:
+    base = (Endpoint("127.0.0.1", DNS_PORT),)
+    return base + ((Endpoint("::1", DNS_PORT),) if ipv6_loopback else ())
+
+
+def finalize(config: Config, resolv_conf_text: str | None, ipv6_loopback: bool) -> Config:
+    """Fill the defaults that depend on the host, and refuse a forwarding loop."""
+    listen = config.listen or default_listen(ipv6_loopback)
+    upstream = config.upstream
+    if not upstream and not config.fallback:
+        upstream = resolv_conf_nameservers(resolv_conf_text or "")
+        if not upstream:
+            raise ConfigError("upstream: none given and /etc/resolv.conf has no nameserver: "
+                              "pass --upstream HOST:PORT or set upstream in the config file")
+    for server in upstream + config.fallback:
+        if any(_same_socket(server, own) for own in listen):
+            raise ConfigError(
+                f"upstream: {server} is this resolver's own listen address (a forwarding loop); "
+                "pass --upstream with your recursive servers (if /etc/resolv.conf points here, "
+                "it cannot also be the upstream)")
+    return dataclasses.replace(config, listen=listen, upstream=upstream)
+
+
+def _same_socket(server: Endpoint, own: Endpoint) -> bool:
+    if server.port != own.port:
+        return False
+    a, b = ipaddress.ip_address(server.host), ipaddress.ip_address(own.host)
+    if a == b:
+        return True
+    # A wildcard listener answers on every local address, loopback included.
+    return b.is_unspecified and a.version == b.version and (a.is_loopback or a.is_unspecified)

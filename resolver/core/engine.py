@@ -1,0 +1,155 @@
+"""The conductor: cache hits from raw bytes, misses into fetches, answers out to waiters.
+
+The daemon drives it (DESIGN.md 3):
+    reply = engine.answer(data, now)               # hit path: bytes or None
+    actions = engine.on_query(data, client, now)   # slow path: Reply and Fetch actions
+    resolution = engine.resolution(now)            # for each Fetch: which upstreams to try
+    replies = engine.on_answer(key, scan, now) / engine.on_failure(key, now)
+
+Invariants:
+  1. The client is never told NXDOMAIN unless an upstream said so: every failure is SERVFAIL.
+  2. Every query that reaches on_query gets exactly one reply or is deliberately dropped (QR=1,
+     runts); every waiter of a fetch is answered exactly once, by on_answer or on_failure.
+  3. Replies carry the client's ID and question bytes (its letter case), and OPT exactly when
+     the query had one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from resolver.core import wire
+from resolver.core.cache import Cache
+from resolver.core.coalesce import InFlight
+from resolver.core.model import Fetch, Reply, Waiter
+from resolver.core.pool import Pool, Resolution, Timing
+from resolver.errors import MalformedQuery
+
+# A query the hit path can serve has exactly one question and nothing in answer or authority.
+_ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00"
+_NO_ADDITIONAL = b"\x00\x00"
+_ONE_ADDITIONAL = b"\x00\x01"
+_OPT_TYPE = b"\x00\x29"
+_FLAG_BYTES = [bytes((i,)) for i in range(4)]
+
+
+class Engine:
+    def __init__(self, cache: Cache, pool: Pool, timing: Timing,
+                 inflight: InFlight | None = None) -> None:
+        self.cache = cache
+        self.pool = pool
+        self.timing = timing
+        self.inflight = inflight if inflight is not None else InFlight()
+        # Plain integers: metrics export them through a collector, off the hot path.
+        self.hits = 0
+        self.misses = 0
+        self.failures = 0
+
+    def answer(self, data: bytes, now: float, tcp: bool = False) -> bytes | None:
+        """Serve a cache hit straight from the raw query bytes, or None for the slow path.
+
+        No parse and no objects per hit (DESIGN.md 3.2): find the end of the question, build
+        the key from the case-folded name, splice ID and question into the stored reply.
+        Anything unusual returns None and on_query decides properly.
+        """
+        try:
+            if data[2] & 0xF8 or data[4:10] != _ONE_QUESTION:
+                return None  # a response, another opcode, or odd counts
+            i = 12
+            n = data[12]
+            while n:
+                if n > 63:
+                    return None
+                i += n + 1
+                n = data[i]
+            qend = i + 5
+            flags = wire.KEY_CD if data[3] & wire.FLAG3_CD else 0
+            additional = data[10:12]
+            if additional == _NO_ADDITIONAL:
+                if len(data) != qend:
+                    return None
+                opt = b""
+                limit = wire.MIN_UDP_PAYLOAD
+            elif additional == _ONE_ADDITIONAL:
+                if data[qend] or data[qend + 1:qend + 3] != _OPT_TYPE or data[qend + 6]:
+                    return None  # not a version-0 OPT at the root
+                rdata = qend + 11
+                if rdata + (data[qend + 9] << 8 | data[qend + 10]) != len(data):
+                    return None
+                while rdata < len(data):  # options must tile the RDATA (RFC 6891 6.1.2)
+                    rdata += 4 + (data[rdata + 2] << 8 | data[rdata + 3])
+                if rdata != len(data):
+                    return None
+                payload = data[qend + 3] << 8 | data[qend + 4]
+                do = data[qend + 7] & 0x80
+                if do:
+                    flags |= wire.KEY_DO
+                opt = wire.reply_opt(payload, bool(do))
+                limit = payload if payload > wire.MIN_UDP_PAYLOAD else wire.MIN_UDP_PAYLOAD
+            else:
+                return None
+        except IndexError:
+            return None
+        entries = self.cache.entries
+        key = data[12:i].lower() + data[i:qend] + _FLAG_BYTES[flags]
+        entry = entries.get(key)
+        if entry is None or now >= entry.expires_at:
+            return None
+        entries.move_to_end(key)
+        entry.hits += 1
+        self.hits += 1
+        return entry.reply(data[:2], data[2] & 1, data[12:qend], opt,
+                           wire.MAX_TCP_MESSAGE if tcp else limit, now)
+
+    def on_query(self, data: bytes, client: Any, now: float,
+                 tcp: bool = False) -> list[Reply | Fetch]:
+        """The slow path: parse strictly, answer errors, coalesce misses into fetches."""
+        try:
+            info = wire.parse_query(data)
+        except MalformedQuery as e:
+            if e.rcode is None:
+                return []
+            if e.rcode == wire.RCODE_BADVERS:
+                return [Reply(client, wire.badvers_reply(data))]
+            return [Reply(client, wire.error_reply(data, e.rcode))]
+        if info.qclass != wire.CLASS_IN or info.qtype in (wire.TYPE_AXFR, wire.TYPE_IXFR):
+            # A forwarding cache for mail: no CHAOS, no zone transfers.
+            return [Reply(client, wire.error_reply(data, wire.RCODE_REFUSED, info))]
+        key = info.key
+        limit = wire.MAX_TCP_MESSAGE if tcp else info.udp_limit
+        waiter = Waiter(client, info.qid, info.rd, info.question, info.edns, info.payload,
+                        info.do, limit)
+        entry = self.cache.get_fresh(key, now)
+        if entry is not None:  # a hit the fast path declined (RD=0 and such)
+            self.hits += 1
+            return [Reply(client, entry.reply_to(waiter, now))]
+        self.misses += 1
+        if self.cache.failed_recently(key, now):
+            return [Reply(client, _servfail(waiter))]
+        joined = self.inflight.join(key, waiter)
+        if joined is None:
+            return [Reply(client, _servfail(waiter))]
+        if not joined:
+            return []
+        upstream_question = info.name_lower + info.question[-4:]
+        return [Fetch(key, upstream_question, info.do, info.cd)]
+
+    def resolution(self, now: float) -> Resolution:
+        return Resolution(self.pool.order(now), self.timing, now)
+
+    def on_answer(self, key: bytes, scan: wire.ReplyScan, now: float) -> list[Reply]:
+        """An upstream answered: cache what policy allows, answer every waiter from it."""
+        entry = self.cache.store(key, scan, now)
+        return [Reply(w.client, entry.reply_to(w, now)) for w in self.inflight.finish(key)]
+
+    def on_failure(self, key: bytes, now: float) -> list[Reply]:
+        """No upstream answered in time: SERVFAIL for all, never NXDOMAIN (RFC 9520 caching)."""
+        self.failures += 1
+        self.cache.note_failure(key, now)
+        return [Reply(w.client, _servfail(w)) for w in self.inflight.finish(key)]
+
+
+def _servfail(waiter: Waiter) -> bytes:
+    opt = wire.reply_opt(waiter.payload, waiter.do) if waiter.edns else b""
+    return wire.rcode_reply(waiter.qid, waiter.rd, False, waiter.question,
+                            wire.RCODE_SERVFAIL, opt)

@@ -1,0 +1,80 @@
+"""The core's vocabulary: outcomes, waiters and the actions the engine asks the daemon to do."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class Outcome(enum.Enum):
+    """How one exchange with one upstream ended: a closed set (STYLE.md 4)."""
+
+    OK = "ok"
+    NXDOMAIN = "nxdomain"
+    NODATA = "nodata"
+    SERVFAIL = "servfail"
+    REFUSED = "refused"
+    TRUNCATED = "truncated"
+    MISMATCHED = "mismatched"
+    MALFORMED = "malformed"
+    TIMEOUT = "timeout"
+
+    @property
+    def is_answer(self) -> bool:
+        """An answer we can give the client: the upstream did its job."""
+        return self in _ANSWERS
+
+
+_ANSWERS = frozenset({Outcome.OK, Outcome.NXDOMAIN, Outcome.NODATA})
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An address and port, as given on the command line (`HOST:PORT`, `[V6]:PORT`)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def family_v6(self) -> bool:
+        return ":" in self.host
+
+    @property
+    def sockaddr(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclass(slots=True)
+class Waiter:
+    """A client waiting for a miss to resolve: a record, not a task (DESIGN.md 3.3)."""
+
+    client: Any  # opaque to the core: the daemon's reply channel and address
+    qid: bytes
+    rd: bool
+    question: bytes  # the client's question bytes, in its letter case
+    edns: bool
+    payload: int
+    do: bool
+    limit: int  # the largest reply it accepts: its UDP size, or 65535 over TCP
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Send `data` to `client`."""
+
+    client: Any
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Resolve `key` upstream: `question` is the case-folded question to send."""
+
+    key: bytes
+    question: bytes
+    do: bool
+    cd: bool

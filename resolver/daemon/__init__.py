@@ -1,0 +1,1 @@
+"""The trio layer: sockets, tasks and timers that drive the pure core."""

@@ -1,0 +1,299 @@
+"""UDP and TCP listeners: read queries, answer hits at once, hand the rest to the service.
+
+UDP (DESIGN.md 3.1): the socket is non-blocking and drained in a loop until it would block,
+then we wait for readability; a trio checkpoint every few dozen packets keeps fetch tasks and
+TCP connections running under load. A reply that would block waits for writability instead of
+being dropped.
+
+TCP (RFC 7766): length-prefixed messages, several queries per connection answered as each
+completes (in any order), an idle timeout while nothing is in flight, a cap on connections
+that closes the oldest idle one first. TCP work runs in its own tasks, so a slow TCP client
+can never stall the UDP loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import cachetools
+import trio
+
+from resolver.core import wire
+
+log = logging.getLogger("resolver.server")
+
+# Yield to other tasks after this many datagrams in one drain: small enough that misses and
+# TCP keep moving, large enough that the scheduler round trip stays off most packets.
+PACKETS_PER_CHECKPOINT = 64
+# A TCP client that does not read its replies for this long loses its connection.
+TCP_SEND_TIMEOUT_SECONDS = 10.0
+_MAX_DATAGRAM = 65535
+
+
+class Dispatcher(Protocol):
+    """What listeners need from the service: the slow path, and a place to run tasks."""
+
+    def on_query(self, data: bytes, client: tuple[Any, Any], now: float,
+                 tcp: bool = False) -> None: ...
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None: ...
+
+
+class Acl:
+    """Client networks allowed to query; decisions memoised per address (bounded)."""
+
+    def __init__(self, networks: tuple[str, ...]) -> None:
+        self.networks = tuple(ipaddress.ip_network(n) for n in networks)
+        self.memo: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=4096)
+
+    def allowed(self, host: str) -> bool:
+        verdict = self.memo.get(host)
+        if verdict is None:
+            try:
+                address = ipaddress.ip_address(host.split("%", 1)[0])
+            except ValueError:
+                verdict = False
+            else:
+                if address.version == 6 and address.ipv4_mapped is not None:
+                    address = address.ipv4_mapped
+                verdict = any(address in net for net in self.networks)
+            self.memo[host] = verdict
+        return verdict
+
+
+def refusal(data: bytes) -> bytes | None:
+    """REFUSED for a client outside the access list; nothing for responses and runts."""
+    if len(data) < wire.HEADER_LEN or data[2] & wire.FLAG2_QR:
+        return None
+    try:
+        info = wire.parse_query(data)
+    except Exception:
+        return wire.error_reply(data, wire.RCODE_REFUSED)
+    return wire.error_reply(data, wire.RCODE_REFUSED, info)
+
+
+def bind_udp(host: str, port: int, buffer_bytes: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            # The kernel caps this at net.core.[rw]mem_max; a bigger buffer absorbs bursts.
+            sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class UdpListener:
+    def __init__(self, sock: socket.socket, engine: Any, dispatcher: Dispatcher,
+                 acl: Acl) -> None:
+        self.sock = sock
+        self.engine = engine
+        self.dispatcher = dispatcher
+        self.acl = acl
+        self._send_lock = trio.Lock()
+        self.send_errors = 0
+
+    async def serve(self) -> None:
+        sock = self.sock
+        recvfrom = sock.recvfrom
+        sendto = sock.sendto
+        answer = self.engine.answer
+        memo = self.acl.memo
+        allowed = self.acl.allowed
+        on_query = self.dispatcher.on_query
+        clock = time.monotonic
+        since_checkpoint = 0
+        while True:
+            try:
+                data, addr = recvfrom(_MAX_DATAGRAM)
+            except BlockingIOError:
+                since_checkpoint = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as e:
+                # ICMP errors from earlier sends surface here on some kernels; not fatal.
+                log.debug("udp receive error: %s", e)
+                continue
+            since_checkpoint += 1
+            if since_checkpoint >= PACKETS_PER_CHECKPOINT:
+                since_checkpoint = 0
+                await trio.lowlevel.checkpoint()
+            if not (memo.get(addr[0]) or allowed(addr[0])):
+                refused = refusal(data)
+                if refused is not None:
+                    self.deliver(refused, addr)
+                continue
+            now = clock()
+            reply = answer(data, now)
+            if reply is None:
+                on_query(data, (self, addr), now)
+                continue
+            try:
+                sendto(reply, addr)
+            except BlockingIOError:
+                await self.send_when_writable(reply, addr)
+            except OSError as e:
+                self.send_errors += 1
+                log.debug("udp send to %s failed: %s", addr, e)
+
+    def deliver(self, data: bytes, addr: Any) -> None:
+        """Send now if the socket takes it, else wait for writability in a task."""
+        try:
+            self.sock.sendto(data, addr)
+        except BlockingIOError:
+            self.dispatcher.spawn(self.send_when_writable, data, addr)
+        except OSError as e:
+            self.send_errors += 1
+            log.debug("udp send to %s failed: %s", addr, e)
+
+    async def send_when_writable(self, data: bytes, addr: Any) -> None:
+        # One waiter at a time: trio allows a single task waiting for writability per socket.
+        async with self._send_lock:
+            for _ in range(100):  # bounded: a socket that never drains is a dead peer
+                try:
+                    self.sock.sendto(data, addr)
+                    return
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+                except OSError as e:
+                    self.send_errors += 1
+                    log.debug("udp send to %s failed: %s", addr, e)
+                    return
+
+
+class TcpConnection:
+    """One client connection: replies may be written by several tasks, one at a time."""
+
+    def __init__(self, stream: trio.SocketStream, dispatcher: Dispatcher) -> None:
+        self.stream = stream
+        self.dispatcher = dispatcher
+        self.pending = 0
+        self.last_active = time.monotonic()
+        self.scope = trio.CancelScope()
+        self._send_lock = trio.Lock()
+
+    @property
+    def idle(self) -> bool:
+        return self.pending == 0
+
+    def deliver(self, data: bytes, addr: Any = None) -> None:
+        self.dispatcher.spawn(self.send, data)
+
+    async def send(self, data: bytes) -> None:
+        try:
+            async with self._send_lock:
+                with trio.move_on_after(TCP_SEND_TIMEOUT_SECONDS) as timer:
+                    await self.stream.send_all(struct.pack("!H", len(data)) + data)
+                if timer.cancelled_caught:
+                    log.debug("tcp client not reading replies; closing")
+                    self.scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away; nothing left to tell it
+        finally:
+            self.pending -= 1
+            self.last_active = time.monotonic()
+
+
+class TcpServer:
+    def __init__(self, engine: Any, dispatcher: Dispatcher, acl: Acl, idle_timeout: float,
+                 max_connections: int) -> None:
+        self.engine = engine
+        self.dispatcher = dispatcher
+        self.acl = acl
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.connections: set[TcpConnection] = set()
+        self.closed_for_cap = 0
+
+    def _make_room(self) -> bool:
+        """Close the longest-idle connection when at the cap; False if none is idle."""
+        if len(self.connections) < self.max_connections:
+            return True
+        idle = [c for c in self.connections if c.idle]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.last_active)
+        victim.scope.cancel()
+        self.connections.discard(victim)
+        self.closed_for_cap += 1
+        return True
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:
+            await stream.aclose()
+            return
+        if not self.acl.allowed(peer[0]) or not self._make_room():
+            await stream.aclose()  # TCP has no REFUSED without reading; closing is clearer
+            return
+        conn = TcpConnection(stream, self.dispatcher)
+        self.connections.add(conn)
+        try:
+            with conn.scope:
+                await self._read_loop(conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self.connections.discard(conn)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _read_loop(self, conn: TcpConnection) -> None:
+        buf = bytearray()
+        while True:
+            with trio.move_on_after(self.idle_timeout) as timer:
+                chunk = await conn.stream.receive_some(65536)
+            if timer.cancelled_caught:
+                if conn.pending:
+                    continue  # answers still owed: not idle (RFC 7766 6.2.3)
+                return
+            if not chunk:
+                return
+            conn.last_active = time.monotonic()
+            buf += chunk
+            while len(buf) >= 2:
+                length = buf[0] << 8 | buf[1]
+                if len(buf) < 2 + length:
+                    break
+                message = bytes(buf[2:2 + length])
+                del buf[:2 + length]
+                self._on_message(conn, message)
+
+    def _on_message(self, conn: TcpConnection, message: bytes) -> None:
+        if len(message) < wire.HEADER_LEN or message[2] & wire.FLAG2_QR:
+            return  # nothing is owed to a runt or a response
+        conn.pending += 1
+        now = time.monotonic()
+        reply = self.engine.answer(message, now, tcp=True)
+        if reply is not None:
+            conn.deliver(reply)
+        else:
+            self.dispatcher.on_query(message, (conn, None), now, tcp=True)
+
+
+def explain_bind_error(endpoint: str, error: OSError, port: int) -> str:
+    """One line that says what went wrong binding a listener and how to fix it."""
+    if error.errno in (errno.EACCES, errno.EPERM) and port < 1024:
+        return (f"cannot listen on {endpoint}: ports below 1024 need privilege; run as root, "
+                "grant CAP_NET_BIND_SERVICE (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE), "
+                "or use --listen 127.0.0.1:5353")
+    if error.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {endpoint}: the address is in use (another DNS server? "
+                f"`ss -lunp 'sport = :{port}'` shows which); stop it or pick another --listen")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {endpoint}: no such local address on this host"
+    return f"cannot listen on {endpoint}: {error.strerror or error}"

@@ -1,0 +1,117 @@
+"""One exchange with one upstream: UDP with RFC 5452 defences, TCP when truncated.
+
+Per try: a fresh unpredictable ID (`secrets`) and a fresh socket, so a fresh random source port
+chosen by the kernel. A reply counts only if it comes from the address and port we asked, with
+our ID and our question; anything else is ignored and the wait goes on until the deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import secrets
+import socket
+import struct
+import time
+
+import trio
+
+from resolver.core import wire
+from resolver.core.model import Endpoint, Outcome
+
+log = logging.getLogger("resolver.upstream")
+
+_MAX_UDP_REPLY = 65535
+
+
+class Exchange:
+    """The result of one try: how it ended, the parsed reply when there is one, and the RTT."""
+
+    __slots__ = ("outcome", "rtt", "scan", "spoofed")
+
+    def __init__(self, outcome: Outcome, scan: wire.ReplyScan | None, rtt: float,
+                 spoofed: int = 0) -> None:
+        self.outcome = outcome
+        self.scan = scan
+        self.rtt = rtt
+        self.spoofed = spoofed
+
+
+async def exchange(upstream: Endpoint, question: bytes, do: bool, cd: bool,
+                   timeout: float) -> Exchange:
+    """Ask upstream once over UDP (then TCP on TC=1), within timeout seconds in all."""
+    started = time.monotonic()
+    with trio.move_on_after(timeout):
+        result = await _udp(upstream, question, do, cd)
+        if result.outcome is Outcome.TRUNCATED:
+            # RFC 7766 5: a truncated answer is retried over TCP, to the same server.
+            result = await _tcp(upstream, question, do, cd)
+        result.rtt = time.monotonic() - started
+        return result
+    return Exchange(Outcome.TIMEOUT, None, time.monotonic() - started)
+
+
+async def _udp(upstream: Endpoint, question: bytes, do: bool, cd: bool) -> Exchange:
+    qid = secrets.randbits(16)
+    query = wire.build_query(qid, question, do, cd)
+    family = socket.AF_INET6 if upstream.family_v6 else socket.AF_INET
+    spoofed = 0
+    with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
+        # Binding port 0 lets the kernel pick a random ephemeral port for every try; connecting
+        # makes the kernel drop datagrams from other peers and report ICMP unreachable to us.
+        await sock.bind(("::" if upstream.family_v6 else "0.0.0.0", 0))
+        try:
+            await sock.connect(upstream.sockaddr)
+            await sock.send(query)
+        except OSError as e:
+            log.debug("send to %s failed: %s", upstream, e)
+            return Exchange(Outcome.REFUSED, None, 0.0)
+        while True:
+            try:
+                data, peer = await sock.recvfrom(_MAX_UDP_REPLY)
+            except ConnectionRefusedError:
+                # ICMP port unreachable: nobody listens there; as good as REFUSED, and faster.
+                return Exchange(Outcome.REFUSED, None, 0.0, spoofed)
+            except OSError as e:
+                if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    return Exchange(Outcome.REFUSED, None, 0.0, spoofed)
+                raise
+            if (peer[0], peer[1]) != upstream.sockaddr or not wire.reply_matches(
+                    data, qid, question):
+                spoofed += 1  # RFC 5452 9.1: not ours; keep waiting for the real one
+                continue
+            outcome, scan = wire.classify(data)
+            return Exchange(outcome, scan, 0.0, spoofed)
+
+
+async def _tcp(upstream: Endpoint, question: bytes, do: bool, cd: bool) -> Exchange:
+    qid = secrets.randbits(16)
+    query = wire.build_query(qid, question, do, cd)
+    try:
+        stream = await trio.open_tcp_stream(upstream.host, upstream.port)
+    except OSError as e:
+        log.debug("tcp connect to %s failed: %s", upstream, e)
+        return Exchange(Outcome.REFUSED, None, 0.0)
+    async with stream:
+        try:
+            await stream.send_all(struct.pack("!H", len(query)) + query)
+            (length,) = struct.unpack("!H", await _receive_exactly(stream, 2))
+            data = await _receive_exactly(stream, length)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError, OSError):
+            return Exchange(Outcome.MALFORMED, None, 0.0)
+    if not wire.reply_matches(data, qid, question):
+        return Exchange(Outcome.MISMATCHED, None, 0.0)
+    outcome, scan = wire.classify(data)
+    if outcome is Outcome.TRUNCATED:
+        outcome = Outcome.MALFORMED  # TC over TCP: nothing more can be had from this server
+    return Exchange(outcome, scan, 0.0)
+
+
+async def _receive_exactly(stream: trio.abc.ReceiveStream, count: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < count:
+        chunk = await stream.receive_some(count - len(buf))
+        if not chunk:
+            raise EOFError("connection closed mid-message")
+        buf += chunk
+    return bytes(buf)
