@@ -253,15 +253,18 @@ def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
 
 
 def resolv_conf_nameservers(text: str) -> tuple[Endpoint, ...]:
-    """The `nameserver` lines of a resolv.conf, in order (port 53; scoped v6 dropped)."""
+    """The `nameserver` lines of a resolv.conf, in order (port 53).
+
+    Scoped link-local IPv6 (fe80::1%eth0) is skipped: our endpoints carry no scope.
+    """
     out = []
     for line in text.splitlines():
         parts = line.split("#", 1)[0].split(";", 1)[0].split()
-        if len(parts) >= 2 and parts[0] == "nameserver":
+        if len(parts) >= 2 and parts[0] == "nameserver" and "%" not in parts[1]:
             try:
                 out.append(Endpoint(str(ipaddress.ip_address(parts[1])), DNS_PORT))
             except ValueError:
-                continue  # e.g. fe80::1%eth0: link-local with a scope we cannot use here
+                continue  # not an address; resolv(5) ignores such lines too
     return tuple(out)
 
 
