@@ -70,7 +70,8 @@ async def read_tcp_message(stream: trio.SocketStream) -> bytes:
 
 async def test_concurrent_identical_misses_reach_the_upstream_once() -> None:
     with SlowUpstream(delay_seconds=0.3) as upstream:
-        async with running([upstream]) as svc:
+        # A generous per-try timeout: on a loaded machine a retry would muddle the count.
+        async with running([upstream], upstream_timeout_seconds=4.0) as svc:
             replies: dict[int, dns.message.Message] = {}
 
             async def one(i: int) -> None:

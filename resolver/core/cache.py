@@ -82,6 +82,9 @@ class Entry:
         "rendered",
         "rendered_age",
         "stored_at",
+        "tail",
+        "tail_age",
+        "tail_shape",
         "ttl",
         "ttl_offsets",
         "ttls",
@@ -104,6 +107,10 @@ class Entry:
         self.body = wire.patch_ttls(scan.body, scan.ttl_offsets, self.ttls, 0)
         self.rendered = self.body
         self.rendered_age = 0
+        # The reply minus its ID, last rendered by the hit path for one query shape and age.
+        self.tail = b""
+        self.tail_shape: object = None
+        self.tail_age = -1
         # AD only survives for clients that asked with DO (RFC 6840 5.8): the key carries DO.
         flags3 = scan.flags3 & (wire.FLAG3_RA | wire.FLAG3_AD | wire.FLAG3_CD | wire.FLAG3_RCODE)
         if not key[-1] & wire.KEY_DO:
@@ -127,7 +134,7 @@ class Entry:
             self.rendered_age = age
         return self.rendered
 
-    def reply(self, qid: bytes, rd: bool, question: bytes, opt: bytes, limit: int,
+    def reply(self, qid: bytes, rd: int, question: bytes, opt: bytes, limit: int,
               now: float) -> bytes:
         """The whole reply for one client; TC=1 with the question only when it would not fit."""
         body = self.render_body(now)

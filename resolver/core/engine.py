@@ -31,6 +31,9 @@ _NO_ADDITIONAL = b"\x00\x00"
 _ONE_ADDITIONAL = b"\x00\x01"
 _OPT_TYPE = b"\x00\x29"
 _FLAG_BYTES = [bytes((i,)) for i in range(4)]
+# Distinct query shapes remembered by the hit path; a mail host asks a few thousand hot names,
+# and clearing the memo when full costs one re-parse per shape.
+MAX_SHAPES = 16384
 
 
 class Engine:
@@ -40,6 +43,7 @@ class Engine:
         self.pool = pool
         self.timing = timing
         self.inflight = inflight if inflight is not None else InFlight()
+        self._shapes: dict[bytes, tuple[bytes, bytes, bytes, int, int] | None] = {}
         # Plain integers: metrics export them through a collector, off the hot path.
         self.hits = 0
         self.misses = 0
@@ -48,58 +52,41 @@ class Engine:
     def answer(self, data: bytes, now: float, tcp: bool = False) -> bytes | None:
         """Serve a cache hit straight from the raw query bytes, or None for the slow path.
 
-        No parse and no objects per hit (DESIGN.md 3.2): find the end of the question, build
-        the key from the case-folded name, splice ID and question into the stored reply.
-        Anything unusual returns None and on_query decides properly.
+        No parse and no objects per hit (DESIGN.md 3.2). Two memos keep most hits to a few
+        dict lookups and one concatenation: the query's shape (everything but the ID maps to
+        key, question, OPT and size limit), and per entry the reply tail last rendered for a
+        shape at the current age. Anything unusual returns None; on_query decides properly.
         """
-        try:
-            if data[2] & 0xF8 or data[4:10] != _ONE_QUESTION:
-                return None  # a response, another opcode, or odd counts
-            i = 12
-            n = data[12]
-            while n:
-                if n > 63:
-                    return None
-                i += n + 1
-                n = data[i]
-            qend = i + 5
-            flags = wire.KEY_CD if data[3] & wire.FLAG3_CD else 0
-            additional = data[10:12]
-            if additional == _NO_ADDITIONAL:
-                if len(data) != qend:
-                    return None
-                opt = b""
-                limit = wire.MIN_UDP_PAYLOAD
-            elif additional == _ONE_ADDITIONAL:
-                if data[qend] or data[qend + 1:qend + 3] != _OPT_TYPE or data[qend + 6]:
-                    return None  # not a version-0 OPT at the root
-                rdata = qend + 11
-                if rdata + (data[qend + 9] << 8 | data[qend + 10]) != len(data):
-                    return None
-                while rdata < len(data):  # options must tile the RDATA (RFC 6891 6.1.2)
-                    rdata += 4 + (data[rdata + 2] << 8 | data[rdata + 3])
-                if rdata != len(data):
-                    return None
-                payload = data[qend + 3] << 8 | data[qend + 4]
-                do = data[qend + 7] & 0x80
-                if do:
-                    flags |= wire.KEY_DO
-                opt = wire.reply_opt(payload, bool(do))
-                limit = payload if payload > wire.MIN_UDP_PAYLOAD else wire.MIN_UDP_PAYLOAD
-            else:
+        shape = self._shapes.get(data[2:])
+        if shape is None:
+            shape = self._learn_shape(data)
+            if shape is None:
                 return None
-        except IndexError:
-            return None
+        key, question, opt, limit, rd = shape
         entries = self.cache.entries
-        key = data[12:i].lower() + data[i:qend] + _FLAG_BYTES[flags]
         entry = entries.get(key)
         if entry is None or now >= entry.expires_at:
             return None
         entries.move_to_end(key)
         entry.hits += 1
         self.hits += 1
-        return entry.reply(data[:2], data[2] & 1, data[12:qend], opt,
-                           wire.MAX_TCP_MESSAGE if tcp else limit, now)
+        if tcp:
+            return entry.reply(data[:2], rd, question, opt, wire.MAX_TCP_MESSAGE, now)
+        age = int(now - entry.stored_at)
+        if entry.tail_shape is shape and entry.tail_age == age:
+            return data[:2] + entry.tail
+        reply = entry.reply(data[:2], rd, question, opt, limit, now)
+        entry.tail, entry.tail_shape, entry.tail_age = reply[2:], shape, age
+        return reply
+
+    def _learn_shape(self, data: bytes) -> tuple[bytes, bytes, bytes, int, int] | None:
+        """Read a query's key, question, reply OPT and UDP limit from its bytes, once."""
+        shape = _shape(data)
+        if shape is not None:
+            if len(self._shapes) >= MAX_SHAPES:
+                self._shapes.clear()  # bounded; the hot shapes come straight back
+            self._shapes[data[2:]] = shape
+        return shape
 
     def on_query(self, data: bytes, client: Any, now: float,
                  tcp: bool = False) -> list[Reply | Fetch]:
@@ -147,6 +134,53 @@ class Engine:
         self.failures += 1
         self.cache.note_failure(key, now)
         return [Reply(w.client, _servfail(w)) for w in self.inflight.finish(key)]
+
+
+def _shape(data: bytes) -> tuple[bytes, bytes, bytes, int, int] | None:
+    """The hit path's view of a query: (key, question, reply OPT, UDP limit, RD bit).
+
+    None for anything that is not a plain one-question query with at most a version-0 OPT.
+    """
+    try:
+        if data[2] & 0xF8 or data[4:10] != _ONE_QUESTION:
+            return None  # a response, another opcode, or odd counts
+        i = 12
+        n = data[12]
+        while n:
+            if n > 63:
+                return None
+            i += n + 1
+            n = data[i]
+        qend = i + 5
+        flags = wire.KEY_CD if data[3] & wire.FLAG3_CD else 0
+        additional = data[10:12]
+        if additional == _NO_ADDITIONAL:
+            if len(data) != qend:
+                return None
+            opt = b""
+            limit = wire.MIN_UDP_PAYLOAD
+        elif additional == _ONE_ADDITIONAL:
+            if data[qend] or data[qend + 1:qend + 3] != _OPT_TYPE or data[qend + 6]:
+                return None  # not a version-0 OPT at the root
+            rdata = qend + 11
+            if rdata + (data[qend + 9] << 8 | data[qend + 10]) != len(data):
+                return None
+            while rdata < len(data):  # options must tile the RDATA (RFC 6891 6.1.2)
+                rdata += 4 + (data[rdata + 2] << 8 | data[rdata + 3])
+            if rdata != len(data):
+                return None
+            payload = data[qend + 3] << 8 | data[qend + 4]
+            do = data[qend + 7] & 0x80
+            if do:
+                flags |= wire.KEY_DO
+            opt = wire.reply_opt(payload, bool(do))
+            limit = max(payload, wire.MIN_UDP_PAYLOAD)
+        else:
+            return None
+    except IndexError:
+        return None
+    key = data[12:i].lower() + data[i:qend] + _FLAG_BYTES[flags]
+    return key, data[12:qend], opt, limit, data[2] & wire.FLAG2_RD
 
 
 def _servfail(waiter: Waiter) -> bytes:
