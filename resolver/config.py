@@ -135,6 +135,15 @@ def parse_endpoint(text: str, default_port: int = DNS_PORT, key: str = "address"
     return Endpoint(host, port)
 
 
+def _plain(number: float) -> str:
+    """1e8 as 100000000 and 0.05 as 0.05: limits people can copy into their file."""
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+# Keys of an [[upstream]] table; pps and burst are read by upstream protection.
+_UPSTREAM_TABLE_KEYS = ("address", "role", "pps", "burst")
+
+
 def _endpoints(key: str, value: Any) -> tuple[Endpoint, ...]:
     if isinstance(value, str):
         value = [value]
@@ -145,7 +154,13 @@ def _endpoints(key: str, value: Any) -> tuple[Endpoint, ...]:
         if isinstance(item, Mapping):
             # [[upstream]] tables (address, role, pps, burst): role is honoured now, budgets
             # arrive with upstream protection.
-            item = item.get("address", "")
+            unknown = sorted(set(item) - set(_UPSTREAM_TABLE_KEYS))
+            if unknown:
+                raise ConfigError(f"{key}: unknown key '{unknown[0]}' in an [[{key}]] table: "
+                                  f"use {', '.join(_UPSTREAM_TABLE_KEYS)}")
+            if "address" not in item:
+                raise ConfigError(f"{key}: an [[{key}]] table needs address = \"HOST:PORT\"")
+            item = item["address"]
         out.append(parse_endpoint(item, key=key))
     return tuple(out)
 
@@ -157,7 +172,8 @@ def _number(key: str, value: Any, kind: type) -> float | int:
         ok_type = False
     if not ok_type or not low <= value <= high:
         unit = "an integer" if kind is int else "a number"
-        raise ConfigError(f"{key}: must be {unit} from {low:g} to {high:g} (got {value!r})")
+        raise ConfigError(f"{key}: must be {unit} from {_plain(low)} to {_plain(high)} "
+                          f"(got {value!r})")
     return kind(value)
 
 

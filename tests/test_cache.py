@@ -227,3 +227,13 @@ def test_dnssec_keys_are_separate() -> None:
     dnssec = wire.parse_query(query("a.test.", "A", do=True)).key
     upper = wire.parse_query(query("A.TEST.", "A")).key
     assert plain != dnssec and plain == upper
+
+
+def test_a_limited_purge_looks_only_at_the_least_recently_used_end() -> None:
+    cache = Cache(100, 1 << 20, TtlPolicy())
+    for i in range(4):
+        name = f"n{i}.test."
+        cache.store(key_of(name, "A"), scan_of(name, "A", [(name, 10, "A", "192.0.2.1")]), T0)
+    assert cache.purge_expired(T0 + 20, scan_limit=3) == 3
+    assert cache.purge_expired(T0 + 20, scan_limit=3) == 1
+    assert len(cache) == 0 and cache.bytes == 0

@@ -144,3 +144,18 @@ def test_a_different_port_is_not_a_loop() -> None:
 def test_no_upstream_anywhere() -> None:
     with pytest.raises(ConfigError, match=r"^upstream: none given"):
         cfg.finalize(cfg.Config(), "", ipv6_loopback=False)
+
+
+def test_limits_are_printed_as_plain_numbers() -> None:
+    with pytest.raises(ConfigError) as err:
+        cfg.parse({"cache_max_entries": 0})
+    assert "from 1 to 100000000" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [{"address": "127.0.0.1", "ppps": 900}, {"role": "primary"}],
+)
+def test_upstream_tables_refuse_unknown_or_missing_keys(table: dict) -> None:
+    with pytest.raises(ConfigError, match=r"^upstream: "):
+        cfg.parse({"upstream": [table]})

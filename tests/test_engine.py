@@ -242,3 +242,22 @@ def test_hit_path_declines_unusual_queries() -> None:
     struct.pack_into("!H", odd, 6, 1)  # an answer record count in a query
     assert engine.answer(bytes(odd), T0) is None
     assert engine.answer(q, T0) is not None
+
+
+def test_upstream_replies_match_on_type_bytes_exactly() -> None:
+    # HTTPS is type 65 (0x41): a case-folded comparison of the whole question would turn it
+    # into 0x61 and never match.
+    question = wire.parse_query(query("a.test.", "HTTPS")).question
+    reply = response(query("a.test.", "HTTPS", qid=7), [])
+    assert wire.reply_matches(reply, 7, question.lower()[:-4] + question[-4:])
+    other_type = response(query("a.test.", "A", qid=7), [])
+    assert not wire.reply_matches(other_type, 7, question)
+
+
+def test_servfail_echoes_cd() -> None:
+    engine = make_engine()
+    data = bytearray(query("a.test.", "A"))
+    data[3] |= wire.FLAG3_CD
+    [fetch] = engine.on_query(bytes(data), "c", T0)
+    [reply] = engine.on_failure(fetch.key, T0)
+    assert reply.data[3] & wire.FLAG3_CD

@@ -53,3 +53,14 @@ def test_report_counts_outcomes() -> None:
     pool.report(P1, Outcome.TIMEOUT, 1.0, 1.0)
     stats = pool.stats[P1]
     assert stats.sent == 2 and stats.answered == 1 and stats.outcomes[Outcome.TIMEOUT] == 1
+
+
+def test_fallback_is_reached_even_with_more_primaries_than_tries() -> None:
+    primaries = tuple(Endpoint(f"127.0.0.{i}", 53) for i in range(1, 6))
+    res = Resolution((*primaries, F1), Timing(try_timeout=0.1, deadline=60.0, max_tries=4),
+                     0.0)
+    seen = []
+    while (attempt := res.next_try(0.0)) is not None:
+        seen.append(attempt.upstream)
+        res.record(attempt, Outcome.TIMEOUT, 0.0)
+    assert seen == [*primaries, F1]

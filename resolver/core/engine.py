@@ -11,7 +11,7 @@ Invariants:
   2. Every query that reaches on_query gets exactly one reply or is deliberately dropped (QR=1,
      runts); every waiter of a fetch is answered exactly once, by on_answer or on_failure.
   3. Replies carry the client's ID and question bytes (its letter case), and OPT exactly when
-     the query had one.
+     the query had a well-formed one (a FORMERR for an unparseable query is header-only).
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ _FLAG_BYTES = [bytes((i,)) for i in range(4)]
 # Distinct query shapes remembered by the hit path; a mail host asks a few thousand hot names,
 # and clearing the memo when full costs one re-parse per shape.
 MAX_SHAPES = 16384
+# Longer queries (large EDNS options) are served but not memoised, which bounds the memo's
+# memory at about MAX_SHAPES x 512 bytes.
+MAX_SHAPE_QUERY_BYTES = 512
 
 
 class Engine:
@@ -82,7 +85,7 @@ class Engine:
     def _learn_shape(self, data: bytes) -> tuple[bytes, bytes, bytes, int, int] | None:
         """Read a query's key, question, reply OPT and UDP limit from its bytes, once."""
         shape = _shape(data)
-        if shape is not None:
+        if shape is not None and len(data) <= MAX_SHAPE_QUERY_BYTES:
             if len(self._shapes) >= MAX_SHAPES:
                 self._shapes.clear()  # bounded; the hot shapes come straight back
             self._shapes[data[2:]] = shape
@@ -105,9 +108,9 @@ class Engine:
         key = info.key
         limit = wire.MAX_TCP_MESSAGE if tcp else info.udp_limit
         waiter = Waiter(client, info.qid, info.rd, info.question, info.edns, info.payload,
-                        info.do, limit)
+                        info.do, info.cd, limit)
         entry = self.cache.get_fresh(key, now)
-        if entry is not None:  # a hit the fast path declined (RD=0 and such)
+        if entry is not None:  # a hit the fast path declined (a TSIG record, a long query)
             self.hits += 1
             return [Reply(client, entry.reply_to(waiter, now))]
         self.misses += 1
@@ -185,5 +188,5 @@ def _shape(data: bytes) -> tuple[bytes, bytes, bytes, int, int] | None:
 
 def _servfail(waiter: Waiter) -> bytes:
     opt = wire.reply_opt(waiter.payload, waiter.do) if waiter.edns else b""
-    return wire.rcode_reply(waiter.qid, waiter.rd, False, waiter.question,
+    return wire.rcode_reply(waiter.qid, waiter.rd, waiter.cd, waiter.question,
                             wire.RCODE_SERVFAIL, opt)

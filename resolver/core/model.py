@@ -59,6 +59,7 @@ class Waiter:
     edns: bool
     payload: int
     do: bool
+    cd: bool
     limit: int  # the largest reply it accepts: its UDP size, or 65535 over TCP
 
 

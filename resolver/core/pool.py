@@ -5,8 +5,9 @@ every primary failed; a bounded number of tries inside an overall deadline. The 
 protection work replaces `Pool.order` with budgets, health and repointing.
 
 Invariants:
-  1. A resolution never makes more than `max_tries` tries, and never starts one after its
-     deadline; each try's timeout ends no later than the deadline.
+  1. A resolution never makes more than max(max_tries, number of upstreams) tries, so every
+     fallback gets its chance however many primaries there are, and never starts one after
+     its deadline; each try's timeout ends no later than the deadline.
   2. Only an answer (OK, NXDOMAIN, NODATA) ends a resolution early; every other outcome moves
      on to the next upstream.
 """
@@ -78,11 +79,12 @@ class Resolution:
         self.timing = timing
         self.deadline = now + timing.deadline
         self.tries = 0
+        self.max_tries = max(timing.max_tries, len(order))
         self.last_outcome: Outcome | None = None
 
     def next_try(self, now: float) -> Try | None:
         remaining = self.deadline - now
-        if self.tries >= self.timing.max_tries or remaining <= 0 or not self.order:
+        if self.tries >= self.max_tries or remaining <= 0 or not self.order:
             return None
         upstream = self.order[self.tries % len(self.order)]
         self.tries += 1

@@ -291,8 +291,11 @@ def reply_matches(data: bytes, qid: int, question_lower: bytes) -> bool:
     if data[4:6] != b"\x00\x01":
         # A FORMERR/NOTIMP reply may legitimately omit the question; it still says "not me".
         return data[4:6] == b"\x00\x00" and (data[3] & FLAG3_RCODE) in (RCODE_FORMERR, RCODE_NOTIMP)
-    end = HEADER_LEN + len(question_lower)
-    return data[HEADER_LEN:end].lower() == question_lower
+    # Only the name is compared case-insensitively: lowering the type bytes would turn
+    # 0x41 (HTTPS is type 65) into 0x61.
+    name_end = HEADER_LEN + len(question_lower) - 4
+    return (data[HEADER_LEN:name_end].lower() == question_lower[:-4]
+            and data[name_end:name_end + 4] == question_lower[-4:])
 
 
 @dataclass(frozen=True, slots=True)

@@ -285,7 +285,7 @@ class TcpServer:
             self.dispatcher.on_query(message, (conn, None), now, tcp=True)
 
 
-def explain_bind_error(endpoint: str, error: OSError, port: int) -> str:
+def explain_bind_error(endpoint: str, error: OSError, port: int, tcp: bool = False) -> str:
     """One line that says what went wrong binding a listener and how to fix it."""
     if error.errno in (errno.EACCES, errno.EPERM) and port < 1024:
         return (f"cannot listen on {endpoint}: ports below 1024 need privilege; run as root, "
@@ -293,7 +293,8 @@ def explain_bind_error(endpoint: str, error: OSError, port: int) -> str:
                 "or use --listen 127.0.0.1:5353")
     if error.errno == errno.EADDRINUSE:
         return (f"cannot listen on {endpoint}: the address is in use (another DNS server? "
-                f"`ss -lunp 'sport = :{port}'` shows which); stop it or pick another --listen")
+                f"`ss -l{'t' if tcp else 'u'}np 'sport = :{port}'` shows which); stop it or pick "
+                "another --listen")
     if error.errno == errno.EADDRNOTAVAIL:
         return f"cannot listen on {endpoint}: no such local address on this host"
     return f"cannot listen on {endpoint}: {error.strerror or error}"

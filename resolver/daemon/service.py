@@ -29,8 +29,10 @@ from resolver.errors import ConfigError
 
 log = logging.getLogger("resolver")
 
-# How often expired entries are swept out of the cache (they are never served regardless).
-PURGE_INTERVAL_SECONDS = 60.0
+# Expired entries are swept out a slice at a time (they are never served regardless), so the
+# sweep never holds up serving for more than a few milliseconds.
+PURGE_INTERVAL_SECONDS = 1.0
+PURGE_SCAN_ENTRIES = 2000
 
 
 def build_engine(config: Config) -> Engine:
@@ -105,7 +107,7 @@ class Service:
     async def ticker(self) -> None:
         while True:
             await trio.sleep(PURGE_INTERVAL_SECONDS)
-            self.engine.cache.purge_expired(time.monotonic())
+            self.engine.cache.purge_expired(time.monotonic(), scan_limit=PURGE_SCAN_ENTRIES)
 
 
 def _deliver(reply: Reply) -> None:
@@ -121,7 +123,8 @@ def _bind_all(config: Config) -> list[tuple[Endpoint, socket.socket]]:
             try:
                 sock = bind_udp(endpoint.host, endpoint.port, config.udp_buffer_bytes)
             except OSError as e:
-                raise ConfigError(explain_bind_error(str(endpoint), e, endpoint.port)) from None
+                raise ConfigError(explain_bind_error(f"{endpoint} (udp)", e,
+                                                     endpoint.port)) from None
             bound.append((Endpoint(endpoint.host, sock.getsockname()[1]), sock))
     except BaseException:
         for _, sock in bound:
@@ -136,21 +139,34 @@ async def run(config: Config, *, handle_signals: bool = True,
     engine = build_engine(config)
     acl = Acl(config.allow)
     udp_socks = _bind_all(config)
+    # Every socket is bound before the nursery opens, so a bind failure reaches the CLI as
+    # one ConfigError line rather than inside an exception group.
+    tcp_listeners = []
+    try:
+        for endpoint, _ in udp_socks:
+            try:
+                tcp_listeners += await trio.open_tcp_listeners(endpoint.port, host=endpoint.host)
+            except OSError as e:
+                raise ConfigError(explain_bind_error(f"{endpoint} (tcp)", e, endpoint.port,
+                                                     tcp=True)) from None
+    except BaseException:
+        for _, sock in udp_socks:
+            sock.close()
+        for listener in tcp_listeners:
+            await listener.aclose()
+        raise
     async with trio.open_nursery() as nursery:
         service = Service(config, engine, nursery)
         for endpoint, sock in udp_socks:
             listener = UdpListener(sock, engine, service, acl)
             service.udp.append(listener)
-            nursery.start_soon(listener.serve)
-            tcp = TcpServer(engine, service, acl, config.tcp_idle_timeout_seconds,
-                            config.tcp_max_connections)
-            try:
-                listeners = await trio.open_tcp_listeners(endpoint.port, host=endpoint.host)
-            except OSError as e:
-                raise ConfigError(explain_bind_error(str(endpoint), e, endpoint.port)) from None
-            service.tcp.append(tcp)
             service.bound.append(endpoint)
-            nursery.start_soon(trio.serve_listeners, tcp.handle, listeners)
+            nursery.start_soon(listener.serve)
+        # One TCP server for all addresses: the connection cap is for the whole resolver.
+        tcp = TcpServer(engine, service, acl, config.tcp_idle_timeout_seconds,
+                        config.tcp_max_connections)
+        service.tcp.append(tcp)
+        nursery.start_soon(trio.serve_listeners, tcp.handle, tcp_listeners)
         nursery.start_soon(service.ticker)
         if handle_signals:
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope)

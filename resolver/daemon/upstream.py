@@ -41,21 +41,24 @@ async def exchange(upstream: Endpoint, question: bytes, do: bool, cd: bool,
                    timeout: float) -> Exchange:
     """Ask upstream once over UDP (then TCP on TC=1), within timeout seconds in all."""
     started = time.monotonic()
+    # Counted outside the try so a spoofing attempt that ends in a timeout is still reported.
+    spoofed = [0]
     with trio.move_on_after(timeout):
-        result = await _udp(upstream, question, do, cd)
+        result = await _udp(upstream, question, do, cd, spoofed)
         if result.outcome is Outcome.TRUNCATED:
             # RFC 7766 5: a truncated answer is retried over TCP, to the same server.
             result = await _tcp(upstream, question, do, cd)
         result.rtt = time.monotonic() - started
+        result.spoofed = spoofed[0]
         return result
-    return Exchange(Outcome.TIMEOUT, None, time.monotonic() - started)
+    return Exchange(Outcome.TIMEOUT, None, time.monotonic() - started, spoofed[0])
 
 
-async def _udp(upstream: Endpoint, question: bytes, do: bool, cd: bool) -> Exchange:
+async def _udp(upstream: Endpoint, question: bytes, do: bool, cd: bool,
+               spoofed: list[int]) -> Exchange:
     qid = secrets.randbits(16)
     query = wire.build_query(qid, question, do, cd)
     family = socket.AF_INET6 if upstream.family_v6 else socket.AF_INET
-    spoofed = 0
     with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
         # Binding port 0 lets the kernel pick a random ephemeral port for every try; connecting
         # makes the kernel drop datagrams from other peers and report ICMP unreachable to us.
@@ -71,17 +74,17 @@ async def _udp(upstream: Endpoint, question: bytes, do: bool, cd: bool) -> Excha
                 data, peer = await sock.recvfrom(_MAX_UDP_REPLY)
             except ConnectionRefusedError:
                 # ICMP port unreachable: nobody listens there; as good as REFUSED, and faster.
-                return Exchange(Outcome.REFUSED, None, 0.0, spoofed)
+                return Exchange(Outcome.REFUSED, None, 0.0)
             except OSError as e:
                 if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    return Exchange(Outcome.REFUSED, None, 0.0, spoofed)
+                    return Exchange(Outcome.REFUSED, None, 0.0)
                 raise
             if (peer[0], peer[1]) != upstream.sockaddr or not wire.reply_matches(
                     data, qid, question):
-                spoofed += 1  # RFC 5452 9.1: not ours; keep waiting for the real one
+                spoofed[0] += 1  # RFC 5452 9.1: not ours; keep waiting for the real one
                 continue
             outcome, scan = wire.classify(data)
-            return Exchange(outcome, scan, 0.0, spoofed)
+            return Exchange(outcome, scan, 0.0)
 
 
 async def _tcp(upstream: Endpoint, question: bytes, do: bool, cd: bool) -> Exchange:
