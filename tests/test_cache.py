@@ -7,7 +7,8 @@ import pytest
 
 from resolver.core import wire
 from resolver.core.cache import Cache, Kind, TtlPolicy, cache_ttl
-from tests.dnsmsg import parse, query, response, soa
+
+from dnsmsg import parse, query, response, soa
 
 T0 = 1000.0
 

@@ -6,9 +6,10 @@ import socket
 from pathlib import Path
 
 from click.testing import CliRunner
-from fakeupstream import FakeUpstream
 
 from resolver.cli import main
+
+from fakeupstream import FakeUpstream
 
 
 def run(*args: str) -> tuple[int, str]:

@@ -15,12 +15,14 @@ import trio
 from resolver.config import Config
 from resolver.core.model import Endpoint
 from resolver.daemon import service as service_mod
-from tests.dnsmsg import parse, query
-from tests.fakeupstream import (
+
+from dnsmsg import parse, query
+from fakeupstream import (
     DroppingUpstream,
     FakeUpstream,
     RefusedUpstream,
     SlowUpstream,
+    TruncatingUpstream,
 )
 
 LOCAL = (Endpoint("127.0.0.1", 0),)
@@ -197,8 +199,6 @@ async def test_tcp_cap_closes_the_oldest_idle_connection_first() -> None:
 
 
 async def test_truncated_reply_from_upstream_is_retried_over_tcp() -> None:
-    from tests.fakeupstream import TruncatingUpstream
-
     with TruncatingUpstream() as upstream:
         async with running([upstream]) as svc:
             reply = await ask_udp(addr_of(svc), query("example.test.", "MX"))

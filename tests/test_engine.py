@@ -14,7 +14,8 @@ from resolver.core.cache import Cache, TtlPolicy
 from resolver.core.engine import Engine
 from resolver.core.model import Endpoint, Fetch, Reply
 from resolver.core.pool import Pool, Timing
-from tests.dnsmsg import parse, query, response, soa
+
+from dnsmsg import parse, query, response, soa
 
 T0 = 500.0
 
