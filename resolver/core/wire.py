@@ -374,12 +374,15 @@ def _scan_reply(data: bytes) -> ReplyScan:
         raise WireError("trailing bytes after the last record")
     body = data[qend:]
     if opt_span is not None:
-        # Nothing points into an OPT record (its owner is the root, RFC 6891 6.1.2), so cutting
-        # it out leaves every compression pointer valid; TTL offsets after it move back.
         start, end = opt_span
-        body = data[qend:start] + data[end:]
-        cut = end - start
-        ttl_offsets = [o if o < start - qend else o - cut for o in ttl_offsets]
+        if end != len(data):
+            # RFC 6891 lets the OPT sit anywhere in the additional section; names after it may
+            # be compressed against names that follow it, so cutting it out would shift their
+            # targets. Rare (servers put OPT last): re-render without it and scan again.
+            return _scan_reply(_without_opt(data))
+        # The OPT is last: nothing can point into or past it, so cutting it keeps every
+        # compression pointer and TTL offset valid.
+        body = data[qend:start]
     return ReplyScan(
         flags2=flags2,
         flags3=flags3,
@@ -393,6 +396,21 @@ def _scan_reply(data: bytes) -> ReplyScan:
         soa_ttl=soa_ttl,
         soa_minimum=soa_min,
     )
+
+
+def _without_opt(data: bytes) -> bytes:
+    """The same reply re-rendered by dnspython with OPT removed (the extended rcode kept)."""
+    import dns.exception
+    import dns.message
+
+    try:
+        msg = dns.message.from_wire(data)
+        rcode = msg.rcode()
+        msg.use_edns(False)
+        msg.set_rcode(rcode & 0xF)  # our own OPT carries no extended rcode bits to the client
+        return msg.to_wire(want_shuffle=False)
+    except (dns.exception.DNSException, ValueError) as e:
+        raise WireError(f"cannot re-render without OPT: {e}") from None
 
 
 def classify(data: bytes) -> tuple[Outcome, ReplyScan | None]:
