@@ -37,7 +37,50 @@ class Config:
     """Fallback servers (e.g. the VPC resolver), asked only after every primary failed."""
 
     upstream_pps: int | None = None
-    """Packets per second allowed to each upstream (given behaviour by upstream protection)."""
+    """Packets per second allowed to each upstream that has no `pps` of its own. Unset: no
+    budget, except for the AWS VPC resolver addresses (see AWS_RESOLVER_PPS)."""
+
+    upstream_burst: int | None = None
+    """Tokens a budget may save up beyond its rate; unset: a tenth of the rate. In any one-second
+    window an upstream receives at most pps + burst packets."""
+
+    upstream_limits: tuple[tuple[Endpoint, int | None, int | None], ...] = ()
+    """Per-upstream (address, pps, burst) from `[[upstream]]` tables (not a TOML key itself)."""
+
+    budget_reserve_fraction: float = 0.2
+    """Share of each budget's burst kept for client misses: prefetch and probes never use it."""
+
+    queue_wait_seconds: float = 0.05
+    """How long a miss may wait for a token when every upstream's budget is spent."""
+
+    queue_max: int = 1000
+    """Most misses waiting for tokens at once; past it they get stale data or SERVFAIL at once."""
+
+    repoint_hold_seconds: float = 30.0
+    """How long the pool stays repointed after the last evidence before returning to the
+    primaries (hysteresis, so mild loss cannot make it flap)."""
+
+    prefetch_min_hits: int = 3
+    """An entry asked this many times during its life is refreshed before it expires."""
+
+    prefetch_fraction: float = 0.1
+    """The refresh starts when this share of the entry's TTL is left."""
+
+    stale_max_seconds: float = 86400.0
+    """Expired answers are kept this long to serve when upstreams cannot answer (RFC 8767)."""
+
+    stale_answer_timeout_seconds: float = 1.8
+    """A miss with stale data waits this long for upstreams before the client gets the stale
+    answer (RFC 8767 suggests 1.8 s); the refresh goes on in the background."""
+
+    stale_ttl_seconds: int = 30
+    """The TTL stale answers are served with (RFC 8767 4)."""
+
+    ena_counters_command: str | None = None
+    """A command printing ENA counters once a second, e.g. `ethtool -S eth0`; unset: off."""
+
+    ena_counters_file: str | None = None
+    """A file holding `ethtool -S` output, read once a second instead of a command."""
 
     metrics: Endpoint | None = None
     """HOST:PORT for the Prometheus endpoint (given behaviour by the operations work)."""
@@ -92,7 +135,11 @@ class Config:
     """Where this configuration came from (for messages only; not a TOML key)."""
 
 
-_NOT_KEYS = {"source"}
+_NOT_KEYS = {"source", "upstream_limits"}
+# The AWS VPC resolver (Route 53 Resolver) drops, silently, what exceeds 1024 packets/s per
+# network interface. Unless told otherwise we stay well under that, burst included.
+AWS_RESOLVER_ADDRESSES = ("169.254.169.253", "fd00:ec2::253")
+AWS_RESOLVER_PPS = 900
 _LIMITS: dict[str, tuple[float, float]] = {
     "cache_max_entries": (1, 100_000_000),
     "cache_max_bytes": (64 * 1024, 1 << 40),
@@ -107,6 +154,16 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "tcp_max_connections": (1, 100_000),
     "udp_buffer_bytes": (65536, 1 << 30),
     "upstream_pps": (1, 10_000_000),
+    "upstream_burst": (1, 10_000_000),
+    "budget_reserve_fraction": (0, 0.9),
+    "queue_wait_seconds": (0, 5),
+    "queue_max": (0, 1_000_000),
+    "repoint_hold_seconds": (1, 3600),
+    "prefetch_min_hits": (1, 1_000_000),
+    "prefetch_fraction": (0.01, 0.5),
+    "stale_max_seconds": (0, 7 * 86400),
+    "stale_answer_timeout_seconds": (0.05, 30),
+    "stale_ttl_seconds": (1, 3600),
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -193,6 +250,8 @@ def parse(mapping: Mapping[str, Any], source: str = "config") -> Config:
         mapping["upstream"] = primaries
         if fallbacks:
             mapping["fallback"] = fallbacks
+    values["upstream_limits"] = _limits(mapping.get("upstream", []) +
+                                        list(_as_list(mapping.get("fallback", []))))
     for key, value in mapping.items():
         if key not in known:
             close = [k for k in known if k.split("_")[0] == key.split("_")[0]]
@@ -202,9 +261,9 @@ def parse(mapping: Mapping[str, Any], source: str = "config") -> Config:
             values[key] = _endpoints(key, value)
         elif key == "metrics":
             values[key] = None if value in (None, "") else parse_endpoint(value, 9153, key)
-        elif key == "control":
+        elif key in ("control", "ena_counters_command", "ena_counters_file"):
             if not isinstance(value, str):
-                raise ConfigError("control: must be a socket path string")
+                raise ConfigError(f"{key}: must be a string")
             values[key] = value or None
         elif key == "allow":
             values[key] = _networks(value)
@@ -218,6 +277,33 @@ def parse(mapping: Mapping[str, Any], source: str = "config") -> Config:
     config = Config(**values)
     _check_consistency(config)
     return config
+
+
+def _limits(items: list[Any]) -> tuple[tuple[Endpoint, int | None, int | None], ...]:
+    """(address, pps, burst) of every [[upstream]] table that sets a budget."""
+    out = []
+    for item in items:
+        if not isinstance(item, Mapping) or not ({"pps", "burst"} & set(item)):
+            continue
+        endpoint = parse_endpoint(item.get("address", ""), key="upstream")
+        pps = _number("upstream_pps", item["pps"], int) if "pps" in item else None
+        burst = _number("upstream_burst", item["burst"], int) if "burst" in item else None
+        out.append((endpoint, pps, burst))
+    return tuple(out)
+
+
+def budget_for(config: Config, endpoint: Endpoint) -> tuple[int | None, int | None]:
+    """(pps, burst) for an upstream: its own table, else the global flags, else the AWS
+    resolver default for its well-known addresses, else no budget."""
+    for limited, pps, burst in config.upstream_limits:
+        if limited == endpoint:
+            return (pps if pps is not None else config.upstream_pps,
+                    burst if burst is not None else config.upstream_burst)
+    if config.upstream_pps is not None:
+        return config.upstream_pps, config.upstream_burst
+    if endpoint.host.lower() in AWS_RESOLVER_ADDRESSES:
+        return AWS_RESOLVER_PPS, config.upstream_burst
+    return None, config.upstream_burst
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -236,6 +322,8 @@ def _networks(value: Any) -> tuple[str, ...]:
 
 
 def _check_consistency(config: Config) -> None:
+    if config.ena_counters_command and config.ena_counters_file:
+        raise ConfigError("ena_counters_command: set either it or ena_counters_file, not both")
     if config.min_ttl_seconds > config.max_ttl_seconds:
         raise ConfigError("min_ttl_seconds: must not exceed max_ttl_seconds")
     if config.upstream_timeout_seconds > config.query_deadline_seconds:

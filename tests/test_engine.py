@@ -13,7 +13,7 @@ from resolver.core import wire
 from resolver.core.cache import Cache, TtlPolicy
 from resolver.core.engine import Engine
 from resolver.core.model import Endpoint, Fetch, Reply
-from resolver.core.pool import Pool, Timing
+from resolver.core.pool import Pool, Timing, UpstreamSpec
 
 from dnsmsg import parse, query, response, soa
 
@@ -22,7 +22,7 @@ T0 = 500.0
 
 def make_engine(**policy: float) -> Engine:
     cache = Cache(1000, 1 << 24, TtlPolicy(**policy))
-    return Engine(cache, Pool((Endpoint("127.0.0.1", 5300),), ()), Timing())
+    return Engine(cache, Pool([UpstreamSpec(Endpoint("127.0.0.1", 5300))]), Timing())
 
 
 def resolve(engine: Engine, data: bytes, answer: bytes, now: float) -> list[Reply]:

@@ -34,7 +34,7 @@ from resolver.core import wire
 from resolver.core.cache import Cache, TtlPolicy
 from resolver.core.engine import Engine
 from resolver.core.model import Endpoint, Fetch, Reply
-from resolver.core.pool import Pool, Timing
+from resolver.core.pool import Pool, Timing, UpstreamSpec
 from resolver.errors import MalformedQuery
 
 from dnsgen import (
@@ -64,7 +64,7 @@ DEFAULT_POLICY = TtlPolicy()
 def make_engine() -> Engine:
     """As resolver/daemon/service.py's build_engine does, with the default TTL policy."""
     cache = Cache(10_000, 64 << 20, DEFAULT_POLICY)
-    return Engine(cache, Pool((Endpoint("127.0.0.1", 53),), ()), Timing())
+    return Engine(cache, Pool([UpstreamSpec(Endpoint("127.0.0.1", 53))]), Timing())
 
 
 def lower_name(name: dns.name.Name) -> dns.name.Name:

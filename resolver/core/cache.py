@@ -33,6 +33,9 @@ class TtlPolicy:
     max_ttl: int = 86400
     max_negative_ttl: int = 3600
     failure_ttl: float = 5.0
+    stale_max: float = 86400.0  # RFC 8767 4: how long expired answers are kept for emergencies
+    stale_ttl: int = 30  # RFC 8767 4: the TTL a stale answer is served with
+    prefetch_fraction: float = 0.1  # refresh once this share of the TTL is left
 
 
 class Kind:
@@ -80,6 +83,7 @@ class Entry:
         "hits",
         "key",
         "kind",
+        "prefetch_at",
         "rendered",
         "rendered_age",
         "stored_at",
@@ -99,6 +103,9 @@ class Entry:
         self.stored_at = now
         self.expires_at = now + ttl
         self.hits = 0
+        # The hit path compares against this one number; inf once a prefetch was started, so
+        # an entry is prefetched at most once.
+        self.prefetch_at = now + ttl * (1.0 - policy.prefetch_fraction)
         # Records never promise more than the entry lives: negative answers are capped at the
         # negative TTL (RFC 2308 5), positive ones at max_ttl, and none go below min_ttl.
         cap = policy.max_ttl if kind == Kind.POSITIVE else ttl
@@ -137,9 +144,10 @@ class Entry:
         return self.rendered
 
     def reply(self, qid: bytes, rd: int, question: bytes, opt: bytes, limit: int,
-              now: float) -> bytes:
+              now: float, body: bytes | None = None) -> bytes:
         """The whole reply for one client; TC=1 with the question only when it would not fit."""
-        body = self.render_body(now)
+        if body is None:
+            body = self.render_body(now)
         header = self.header_edns if opt else self.header
         if not rd:
             header = bytes((header[0] & ~wire.FLAG2_RD,)) + header[1:]
@@ -147,9 +155,14 @@ class Entry:
             return truncated_reply(qid, header, question, opt)
         return b"".join((qid, header, question, body, opt))
 
-    def reply_to(self, waiter: Waiter, now: float) -> bytes:
+    def reply_to(self, waiter: Waiter, now: float, stale_ttl: int | None = None) -> bytes:
+        """The reply for a waiter; with stale_ttl, every TTL says that (RFC 8767 4)."""
         opt = wire.reply_opt(waiter.payload, waiter.do) if waiter.edns else b""
-        return self.reply(waiter.qid, waiter.rd, waiter.question, opt, waiter.limit, now)
+        body = None
+        if stale_ttl is not None:
+            body = wire.patch_ttls(self.body, self.ttl_offsets,
+                                   (stale_ttl,) * len(self.ttls), 0)
+        return self.reply(waiter.qid, waiter.rd, waiter.question, opt, waiter.limit, now, body)
 
 
 def truncated_reply(qid: bytes, header: bytes, question: bytes, opt: bytes) -> bytes:
@@ -177,6 +190,14 @@ class Cache:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def get_stale(self, key: bytes, now: float) -> Entry | None:
+        """An expired entry still inside the stale window (RFC 8767), for when upstreams fail."""
+        entry = self.entries.get(key)
+        if entry is None or now < entry.expires_at or now >= entry.expires_at + \
+                self.policy.stale_max:
+            return None
+        return entry
 
     def get_fresh(self, key: bytes, now: float) -> Entry | None:
         entry = self.entries.get(key)

@@ -46,6 +46,21 @@ class InFlight:
         self.coalesced += 1
         return False
 
+    def lead(self, key: bytes) -> bool:
+        """Start a fetch nobody waits for yet (a prefetch); False if one is already running."""
+        if key in self._waiting or len(self._waiting) >= self.max_keys:
+            return False
+        self._waiting[key] = []
+        return True
+
+    def take(self, key: bytes) -> list[Waiter]:
+        """Hand back the current waiters but keep the fetch in flight (stale answers given)."""
+        waiters = self._waiting.get(key)
+        if not waiters:
+            return []
+        self._waiting[key] = []
+        return waiters
+
     def finish(self, key: bytes) -> list[Waiter]:
         """Everyone waiting for key; the key is free for a new fetch afterwards."""
         return self._waiting.pop(key, [])

@@ -12,14 +12,22 @@ Invariants:
      runts); every waiter of a fetch is answered exactly once, by on_answer or on_failure.
   3. Replies carry the client's ID and question bytes (its letter case), and OPT exactly when
      the query had a well-formed one (a FORMERR for an unparseable query is header-only).
+  4. Serve-stale (RFC 8767): when upstreams fail, run out of budget, or have not answered
+     within stale_answer_timeout, a client whose answer expired less than stale_max ago gets
+     it with TTL stale_ttl; a failure is never turned into NXDOMAIN, but a stale NXDOMAIN may
+     be served.
+  5. Prefetch: an entry hit at least prefetch_min_hits times is refreshed once, in the
+     background, when less than prefetch_fraction of its TTL is left.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from resolver.core import wire
-from resolver.core.cache import Cache
+from resolver.core.budget import Priority
+from resolver.core.cache import Cache, Entry
 from resolver.core.coalesce import InFlight
 from resolver.core.model import Fetch, Reply, Waiter
 from resolver.core.pool import Pool, Resolution, Timing
@@ -41,16 +49,25 @@ MAX_SHAPE_QUERY_BYTES = 512
 
 class Engine:
     def __init__(self, cache: Cache, pool: Pool, timing: Timing,
-                 inflight: InFlight | None = None) -> None:
+                 inflight: InFlight | None = None, prefetch_min_hits: int = 3,
+                 on_prefetch: Callable[[Fetch], None] | None = None) -> None:
         self.cache = cache
         self.pool = pool
         self.timing = timing
         self.inflight = inflight if inflight is not None else InFlight()
+        self.prefetch_min_hits = prefetch_min_hits
+        # Called (rarely, from the hit path) when an entry is due a refresh; the daemon sets it.
+        self.on_prefetch = on_prefetch
         self._shapes: dict[bytes, tuple[bytes, bytes, bytes, int, int] | None] = {}
+        # Keys whose waiters already had a stale answer while the fetch goes on: later askers
+        # get the stale answer at once instead of waiting for it again.
+        self._stale_served: set[bytes] = set()
         # Plain integers: metrics export them through a collector, off the hot path.
         self.hits = 0
         self.misses = 0
         self.failures = 0
+        self.stale_answers = 0
+        self.prefetches = 0
 
     def answer(self, data: bytes, now: float, tcp: bool = False) -> bytes | None:
         """Serve a cache hit straight from the raw query bytes, or None for the slow path.
@@ -73,6 +90,8 @@ class Engine:
         entries.move_to_end(key)
         entry.hits += 1
         self.hits += 1
+        if now >= entry.prefetch_at:
+            self._prefetch(entry)
         if tcp:
             return entry.reply(data[:2], rd, question, opt, wire.MAX_TCP_MESSAGE, now)
         age = int(now - entry.stored_at)
@@ -81,6 +100,18 @@ class Engine:
         reply = entry.reply(data[:2], rd, question, opt, limit, now)
         entry.tail, entry.tail_shape, entry.tail_age = reply[2:], shape, age
         return reply
+
+    def _prefetch(self, entry: Entry) -> None:
+        """Refresh a popular entry before it expires, once, coalesced with any miss for it."""
+        if entry.hits < self.prefetch_min_hits or self.on_prefetch is None:
+            return
+        entry.prefetch_at = float("inf")
+        key = entry.key
+        if not self.inflight.lead(key):
+            return
+        self.prefetches += 1
+        self.on_prefetch(Fetch(key, key[:-1], bool(key[-1] & wire.KEY_DO),
+                               bool(key[-1] & wire.KEY_CD), background=True))
 
     def _learn_shape(self, data: bytes) -> tuple[bytes, bytes, bytes, int, int] | None:
         """Read a query's key, question, reply OPT and UDP limit from its bytes, once."""
@@ -114,29 +145,59 @@ class Engine:
             self.hits += 1
             return [Reply(client, entry.reply_to(waiter, now))]
         self.misses += 1
-        if self.cache.failed_recently(key, now):
-            return [Reply(client, _servfail(waiter))]
+        if self.cache.failed_recently(key, now) or key in self._stale_served:
+            return [Reply(client, self._stale_or_servfail(key, waiter, now))]
         joined = self.inflight.join(key, waiter)
         if joined is None:
-            return [Reply(client, _servfail(waiter))]
+            return [Reply(client, self._stale_or_servfail(key, waiter, now))]
         if not joined:
             return []
         upstream_question = info.name_lower + info.question[-4:]
         return [Fetch(key, upstream_question, info.do, info.cd)]
 
-    def resolution(self, now: float) -> Resolution:
-        return Resolution(self.pool.order(now), self.timing, now)
+    def resolution(self, now: float, background: bool = False) -> Resolution:
+        priority = Priority.BACKGROUND if background else Priority.CLIENT
+        return Resolution(self.pool, self.timing, now, priority)
 
     def on_answer(self, key: bytes, scan: wire.ReplyScan, now: float) -> list[Reply]:
         """An upstream answered: cache what policy allows, answer every waiter from it."""
+        self._stale_served.discard(key)
         entry = self.cache.store(key, scan, now)
         return [Reply(w.client, entry.reply_to(w, now)) for w in self.inflight.finish(key)]
 
-    def on_failure(self, key: bytes, now: float) -> list[Reply]:
-        """No upstream answered in time: SERVFAIL for all, never NXDOMAIN (RFC 9520 caching)."""
+    def on_failure(self, key: bytes, now: float, background: bool = False) -> list[Reply]:
+        """No upstream answered: stale data if we have it, else SERVFAIL, never NXDOMAIN.
+
+        The failure is remembered for failure_ttl (RFC 9520 3.2), so retries in that time are
+        answered here, stale or SERVFAIL, without another upstream packet. A prefetch that
+        nobody joined and that found no spare tokens fails quietly: the entry just ages out.
+        """
+        self._stale_served.discard(key)
+        waiters = self.inflight.finish(key)
+        if background and not waiters:
+            return []
         self.failures += 1
         self.cache.note_failure(key, now)
-        return [Reply(w.client, _servfail(w)) for w in self.inflight.finish(key)]
+        return [Reply(w.client, self._stale_or_servfail(key, w, now)) for w in waiters]
+
+    def on_stale_timeout(self, key: bytes, now: float) -> list[Reply]:
+        """The fetch is slow (stale_answer_timeout passed): answer the waiters from stale data
+        now, if there is any, and let the fetch go on to refresh the cache (RFC 8767 5)."""
+        entry = self.cache.get_stale(key, now)
+        if entry is None:
+            return []
+        self._stale_served.add(key)
+        waiters = self.inflight.take(key)
+        self.stale_answers += len(waiters)
+        return [Reply(w.client, entry.reply_to(w, now, self.cache.policy.stale_ttl))
+                for w in waiters]
+
+    def _stale_or_servfail(self, key: bytes, waiter: Waiter, now: float) -> bytes:
+        entry = self.cache.get_stale(key, now)
+        if entry is None:
+            return _servfail(waiter)
+        self.stale_answers += 1
+        return entry.reply_to(waiter, now, self.cache.policy.stale_ttl)
 
 
 def _shape(data: bytes) -> tuple[bytes, bytes, bytes, int, int] | None:

@@ -79,3 +79,4 @@ class Fetch:
     question: bytes
     do: bool
     cd: bool
+    background: bool = False  # a prefetch: spends only tokens above the reserve

@@ -12,12 +12,12 @@ from typing import Any
 
 import trio
 
-from resolver.config import Config
+from resolver.config import Config, budget_for
 from resolver.core.cache import Cache, TtlPolicy
 from resolver.core.engine import Engine
-from resolver.core.model import Endpoint, Fetch, Reply
-from resolver.core.pool import Pool, Timing
-from resolver.daemon import upstream as upstream_io
+from resolver.core.model import Endpoint, Reply
+from resolver.core.pool import Pool, Role, Timing, UpstreamSpec
+from resolver.daemon.fetcher import EnaReader, Fetcher
 from resolver.daemon.server import (
     Acl,
     TcpServer,
@@ -35,18 +35,28 @@ PURGE_INTERVAL_SECONDS = 1.0
 PURGE_SCAN_ENTRIES = 2000
 
 
-def build_engine(config: Config) -> Engine:
+def build_engine(config: Config, now: float | None = None) -> Engine:
+    """The engine and everything it owns (cache, pool, timing), from a finished Config."""
+    now = time.monotonic() if now is None else now
     policy = TtlPolicy(
         min_ttl=config.min_ttl_seconds,
         max_ttl=config.max_ttl_seconds,
         max_negative_ttl=config.max_negative_ttl_seconds,
         failure_ttl=config.failure_ttl_seconds,
+        stale_max=config.stale_max_seconds,
+        stale_ttl=config.stale_ttl_seconds,
+        prefetch_fraction=config.prefetch_fraction,
     )
     cache = Cache(config.cache_max_entries, config.cache_max_bytes, policy)
-    pool = Pool(config.upstream, config.fallback)
+    specs = []
+    for role, endpoints in ((Role.PRIMARY, config.upstream), (Role.FALLBACK, config.fallback)):
+        for endpoint in endpoints:
+            pps, burst = budget_for(config, endpoint)
+            specs.append(UpstreamSpec(endpoint, role, pps, burst))
+    pool = Pool(specs, now, config.budget_reserve_fraction, config.repoint_hold_seconds)
     timing = Timing(config.upstream_timeout_seconds, config.query_deadline_seconds,
-                    config.max_tries)
-    return Engine(cache, pool, timing)
+                    config.max_tries, config.queue_wait_seconds, config.queue_max)
+    return Engine(cache, pool, timing, prefetch_min_hits=config.prefetch_min_hits)
 
 
 @dataclass
@@ -56,10 +66,11 @@ class Service:
     config: Config
     engine: Engine
     nursery: trio.Nursery
+    fetcher: Fetcher
     udp: list[UdpListener] = field(default_factory=list)
     tcp: list[TcpServer] = field(default_factory=list)
     bound: list[Endpoint] = field(default_factory=list)
-    fetches_running: int = 0
+    ena: EnaReader | None = None
 
     # -- Dispatcher protocol, used by the listeners -------------------------------------
     def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -69,48 +80,18 @@ class Service:
                  tcp: bool = False) -> None:
         for action in self.engine.on_query(data, client, now, tcp):
             if isinstance(action, Reply):
-                _deliver(action)
+                deliver(action)
             else:
-                self.nursery.start_soon(self.fetch, action)
-
-    # -- Misses ------------------------------------------------------------------------
-    async def fetch(self, job: Fetch) -> None:
-        """Ask upstreams until one answers or the resolution gives up; answer every waiter."""
-        engine = self.engine
-        self.fetches_running += 1
-        scan = None
-        try:
-            resolution = engine.resolution(time.monotonic())
-            while (attempt := resolution.next_try(time.monotonic())) is not None:
-                result = await upstream_io.exchange(attempt.upstream, job.question, job.do,
-                                                    job.cd, attempt.timeout)
-                now = time.monotonic()
-                engine.pool.report(attempt.upstream, result.outcome, result.rtt, now)
-                if result.spoofed:
-                    log.warning("ignored %d unmatched replies from %s (RFC 5452)",
-                                result.spoofed, attempt.upstream)
-                if resolution.record(attempt, result.outcome, now):
-                    scan = result.scan
-                    break
-        except Exception:
-            # A bug on one miss must not take the resolver down or leave clients hanging:
-            # log it loudly and answer SERVFAIL.
-            log.exception("fetch failed unexpectedly")
-        finally:
-            self.fetches_running -= 1
-            now = time.monotonic()
-            replies = (engine.on_answer(job.key, scan, now) if scan is not None
-                       else engine.on_failure(job.key, now))
-            for reply in replies:
-                _deliver(reply)
+                self.fetcher.start(action)
 
     async def ticker(self) -> None:
         while True:
             await trio.sleep(PURGE_INTERVAL_SECONDS)
-            self.engine.cache.purge_expired(time.monotonic(), scan_limit=PURGE_SCAN_ENTRIES)
+            self.engine.cache.purge_expired(time.monotonic(), self.config.stale_max_seconds,
+                                            scan_limit=PURGE_SCAN_ENTRIES)
 
 
-def _deliver(reply: Reply) -> None:
+def deliver(reply: Reply) -> None:
     transport, addr = reply.client
     transport.deliver(reply.data, addr)
 
@@ -156,7 +137,9 @@ async def run(config: Config, *, handle_signals: bool = True,
             await listener.aclose()
         raise
     async with trio.open_nursery() as nursery:
-        service = Service(config, engine, nursery)
+        fetcher = Fetcher(engine, nursery, deliver, config.stale_answer_timeout_seconds)
+        engine.on_prefetch = fetcher.start
+        service = Service(config, engine, nursery, fetcher)
         for endpoint, sock in udp_socks:
             listener = UdpListener(sock, engine, service, acl)
             service.udp.append(listener)
@@ -168,9 +151,15 @@ async def run(config: Config, *, handle_signals: bool = True,
         service.tcp.append(tcp)
         nursery.start_soon(trio.serve_listeners, tcp.handle, tcp_listeners)
         nursery.start_soon(service.ticker)
+        nursery.start_soon(fetcher.ticker)
+        if config.ena_counters_command or config.ena_counters_file:
+            service.ena = EnaReader(engine.pool, config.ena_counters_command,
+                                    config.ena_counters_file)
+            nursery.start_soon(service.ena.run, fetcher)
         if handle_signals:
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
         _log_inactive(config)
+        _log_budgets(engine)
         log.info("ready: listening on %s (udp+tcp); upstreams %s; fallbacks %s",
                  ", ".join(map(str, service.bound)),
                  ", ".join(map(str, config.upstream)) or "none",
@@ -178,9 +167,16 @@ async def run(config: Config, *, handle_signals: bool = True,
         task_status.started(service)
 
 
+def _log_budgets(engine: Engine) -> None:
+    for upstream in engine.pool.upstreams:
+        bucket = upstream.bucket
+        log.info("upstream %s (%s): %s", upstream.endpoint, upstream.role.value,
+                 f"budget {bucket.rate:g} packets/s, burst {bucket.burst:g}" if bucket.limited
+                 else "no packet budget")
+
+
 def _log_inactive(config: Config) -> None:
-    for flag, value in (("--upstream-pps", config.upstream_pps), ("--metrics", config.metrics),
-                        ("--control", config.control)):
+    for flag, value in (("--metrics", config.metrics), ("--control", config.control)):
         if value is not None:
             log.warning("%s %s accepted but not active yet: it arrives with a later release",
                         flag, value)

@@ -13,10 +13,12 @@ import secrets
 import socket
 import struct
 import time
+from typing import Protocol
 
 import trio
 
 from resolver.core import wire
+from resolver.core.budget import tcp_packets
 from resolver.core.model import Endpoint, Outcome
 
 log = logging.getLogger("resolver.upstream")
@@ -27,27 +29,44 @@ _MAX_UDP_REPLY = 65535
 class Exchange:
     """The result of one try: how it ended, the parsed reply when there is one, and the RTT."""
 
-    __slots__ = ("outcome", "rtt", "scan", "spoofed")
+    __slots__ = ("outcome", "rtt", "scan", "size", "spoofed")
 
     def __init__(self, outcome: Outcome, scan: wire.ReplyScan | None, rtt: float,
-                 spoofed: int = 0) -> None:
+                 spoofed: int = 0, size: int = 0) -> None:
         self.outcome = outcome
         self.scan = scan
         self.rtt = rtt
         self.spoofed = spoofed
+        self.size = size  # bytes of the reply, for TCP's packet cost
+
+
+class TcpBudget(Protocol):
+    """Lets an exchange pay for TCP's packets: the handshake before, the ACKs after."""
+
+    def try_spend(self, packets: int) -> bool: ...
+
+    def charge(self, packets: int) -> None: ...
 
 
 async def exchange(upstream: Endpoint, question: bytes, do: bool, cd: bool,
-                   timeout: float) -> Exchange:
-    """Ask upstream once over UDP (then TCP on TC=1), within timeout seconds in all."""
+                   timeout: float, tcp_budget: TcpBudget | None = None) -> Exchange:
+    """Ask upstream once over UDP (then TCP on TC=1), within timeout seconds in all.
+
+    The UDP query's one packet is paid for by the caller; a TCP retry pays its own way through
+    tcp_budget, and is not made when the budget says no (the outcome stays TRUNCATED).
+    """
     started = time.monotonic()
     # Counted outside the try so a spoofing attempt that ends in a timeout is still reported.
     spoofed = [0]
     with trio.move_on_after(timeout):
         result = await _udp(upstream, question, do, cd, spoofed)
-        if result.outcome is Outcome.TRUNCATED:
+        base = tcp_packets(0)
+        if result.outcome is Outcome.TRUNCATED and (tcp_budget is None
+                                                    or tcp_budget.try_spend(base)):
             # RFC 7766 5: a truncated answer is retried over TCP, to the same server.
             result = await _tcp(upstream, question, do, cd)
+            if tcp_budget is not None and result.size:
+                tcp_budget.charge(tcp_packets(result.size) - base)
         result.rtt = time.monotonic() - started
         result.spoofed = spoofed[0]
         return result
@@ -103,11 +122,11 @@ async def _tcp(upstream: Endpoint, question: bytes, do: bool, cd: bool) -> Excha
         except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError, OSError):
             return Exchange(Outcome.MALFORMED, None, 0.0)
     if not wire.reply_matches(data, qid, question):
-        return Exchange(Outcome.MISMATCHED, None, 0.0)
+        return Exchange(Outcome.MISMATCHED, None, 0.0, size=len(data))
     outcome, scan = wire.classify(data)
     if outcome is Outcome.TRUNCATED:
         outcome = Outcome.MALFORMED  # TC over TCP: nothing more can be had from this server
-    return Exchange(outcome, scan, 0.0)
+    return Exchange(outcome, scan, 0.0, size=len(data))
 
 
 async def _receive_exactly(stream: trio.abc.ReceiveStream, count: int) -> bytes:
