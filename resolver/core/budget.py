@@ -11,8 +11,9 @@ Invariants (property-tested in tests/test_budget.py):
      upstream receives at most pps + burst packets from us.
   2. Background spending (prefetch, probes) never takes the bucket below the reserve
      (reserve_fraction × burst), so client misses always find the reserve.
-  3. `charge` (packets already sent, e.g. the ACKs of a long TCP reply) may put the bucket in
-     debt; debt delays later grants, so invariant 1 still holds over the longer run.
+  3. `charge` (packets already sent whose number could not be known before, the extra ACKs
+     of a TCP reply longer than TCP_RESERVE_BYTES) may put the bucket in debt; debt delays
+     later grants, so the overshoot is bounded by that charge and repaid at once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ def default_burst(pps: float) -> float:
     """A tenth of a second's worth, at least one packet: small enough that pps + burst stays
     under a hard limit when pps is set a little below it (900 + 90 < 1024)."""
     return max(1.0, math.floor(pps / 10))
+
+
+# A TCP exchange reserves the packets of a reply this long before it starts (DKIM and SPF
+# answers that overflow UDP mostly fit), so only longer replies are charged after the fact.
+TCP_RESERVE_BYTES = 4096
 
 
 def tcp_packets(reply_bytes: int, mss: int = 1460) -> int:

@@ -44,8 +44,10 @@ ERROR_RATIO = 0.3
 RTT_MIN_SAMPLES = 10
 RTT_INFLATION_FACTOR = 4.0
 RTT_INFLATION_FLOOR_SECONDS = 0.05
-# The healthy baseline follows slowly, so a throttling episode cannot become the new normal.
-BASELINE_ALPHA = 0.02
+# The healthy baseline follows faster RTTs quickly and slower ones very slowly, so inflation
+# cannot become the new normal before it is noticed.
+BASELINE_ALPHA_DOWN = 0.2
+BASELINE_ALPHA_UP = 0.005
 # Return: this long without evidence, and this many clean answers in a row.
 HOLD_SECONDS = 30.0
 CLEAN_RUN = 5
@@ -157,8 +159,11 @@ class Health:
         else:
             self.clean_run += 1
             if self.state is State.HEALTHY:
-                self.baseline_rtt = (rtt if self.baseline_rtt is None else
-                                     self.baseline_rtt + BASELINE_ALPHA * (rtt - self.baseline_rtt))
+                if self.baseline_rtt is None:
+                    self.baseline_rtt = rtt
+                else:
+                    alpha = BASELINE_ALPHA_DOWN if rtt < self.baseline_rtt else BASELINE_ALPHA_UP
+                    self.baseline_rtt += alpha * (rtt - self.baseline_rtt)
         return self.evaluate(now)
 
     def on_external(self, evidence: str, now: float) -> Transition | None:
@@ -246,8 +251,13 @@ class Health:
         if current is None:
             current = self.configured_rate or max(self.sent_rate(now), MIN_RATE_PPS)
             self.reference_rate = self.configured_rate or current
-        delivered = self.delivered_rate(now)
-        self.learned_rate = max(MIN_RATE_PPS, min(current * RATE_DECREASE, delivered))
+        target = current * RATE_DECREASE
+        totals = self.window.totals(now)
+        if totals.answered >= RTT_MIN_SAMPLES:
+            # Enough answers to know what gets through: go straight down to it. With fewer,
+            # "delivered" is mostly noise, and the multiplicative step alone applies.
+            target = min(target, totals.answered / WINDOW_SECONDS)
+        self.learned_rate = max(MIN_RATE_PPS, target)
 
     def _rate_step_clean(self, now: float, totals: Totals) -> None:
         if self.learned_rate is None or now - self.last_rate_step < RATE_STEP_SECONDS:

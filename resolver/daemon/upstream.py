@@ -18,7 +18,7 @@ from typing import Protocol
 import trio
 
 from resolver.core import wire
-from resolver.core.budget import tcp_packets
+from resolver.core.budget import TCP_RESERVE_BYTES, tcp_packets
 from resolver.core.model import Endpoint, Outcome
 
 log = logging.getLogger("resolver.upstream")
@@ -60,12 +60,12 @@ async def exchange(upstream: Endpoint, question: bytes, do: bool, cd: bool,
     spoofed = [0]
     with trio.move_on_after(timeout):
         result = await _udp(upstream, question, do, cd, spoofed)
-        base = tcp_packets(0)
+        base = tcp_packets(TCP_RESERVE_BYTES)
         if result.outcome is Outcome.TRUNCATED and (tcp_budget is None
                                                     or tcp_budget.try_spend(base)):
             # RFC 7766 5: a truncated answer is retried over TCP, to the same server.
             result = await _tcp(upstream, question, do, cd)
-            if tcp_budget is not None and result.size:
+            if tcp_budget is not None and tcp_packets(result.size) > base:
                 tcp_budget.charge(tcp_packets(result.size) - base)
         result.rtt = time.monotonic() - started
         result.spoofed = spoofed[0]
