@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from resolver.core.health import (
@@ -110,14 +111,14 @@ def test_adaptive_rate_decreases_multiplicatively_and_increases_additively() -> 
     for second in range(5, 12):
         feed(health, steady(float(second), 1.0, 50))
         rates.append(health.learned_rate)
-    steps = [round(b - a) for a, b in zip(rates, rates[1:], strict=False)]
+    steps = [round(b - a) for a, b in itertools.pairwise(rates)]
     assert all(step == 50 for step in steps), rates
     assert max(rates) <= 1000
 
 
 def test_learned_rate_never_below_the_minimum() -> None:
     health = Health(100, 0.0)
-    feed(health, [(0.0, OK, 0.001)] + steady(0.1, 5.0, 5, TIMEOUT)[:3] + [(0.9, OK, 0.001)])
+    feed(health, [(0.0, OK, 0.001), *steady(0.1, 5.0, 5, TIMEOUT)[:3], (0.9, OK, 0.001)])
     assert health.learned_rate is not None and health.learned_rate >= MIN_RATE_PPS
 
 

@@ -366,12 +366,13 @@ class Resolution:
                 return attempt
             if not self.running:
                 return self._no_token(now, exclude)
-        waits = [t.started + t.timeout for t in self.running.values()]
-        if newest is not None and now < hedge_at:
-            waits.append(hedge_at)
-        if not waits:
+        if not self.running:
             return self._done(False)
-        return Wait(min(min(waits), self.deadline))
+        # Running tries always report (each exchange enforces its own timeout), so the only
+        # times to wake up for are the next hedge and the deadline.
+        if now < hedge_at and self.tries < self.max_tries:
+            return Wait(min(hedge_at, self.deadline))
+        return Wait(self.deadline)
 
     def _no_token(self, now: float, exclude: set[Endpoint]) -> Wait | Done:
         """No try running and no token: queue briefly (first tries of clients), else give up.

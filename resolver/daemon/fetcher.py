@@ -26,6 +26,7 @@ from resolver.daemon import upstream as upstream_io
 log = logging.getLogger("resolver.upstream")
 
 TICK_SECONDS = 0.25
+MIN_WAIT_SECONDS = 0.0005
 ENA_READ_SECONDS = 1.0
 # `. NS` is what probes ask when no upstream has answered anything yet.
 ROOT_NS_QUESTION = (b"\x00\x00\x02\x00\x01", False, False)
@@ -34,23 +35,27 @@ ROOT_NS_QUESTION = (b"\x00\x00\x02\x00\x01", False, False)
 class _Budget:
     """An upstream's bucket as the exchange's TCP budget (counted in the pool's stats)."""
 
-    def __init__(self, pool: Pool, upstream: Upstream, priority: Priority) -> None:
+    def __init__(self, pool: Pool, upstream: Upstream, priority: Priority,
+                 clock: Callable[[], float]) -> None:
         self.pool, self.upstream, self.priority = pool, upstream, priority
+        self.clock = clock
 
     def try_spend(self, packets: int) -> bool:
-        if self.upstream.bucket.try_spend(packets, time.monotonic(), self.priority):
+        if self.upstream.bucket.try_spend(packets, self.clock(), self.priority):
             self.upstream.stats.sent += packets
             return True
         return False
 
     def charge(self, packets: int) -> None:
         if packets > 0:
-            self.pool.charge(self.upstream, packets, time.monotonic())
+            self.pool.charge(self.upstream, packets, self.clock())
 
 
 class Fetcher:
     def __init__(self, engine: Engine, nursery: trio.Nursery, deliver: Callable[[Reply], None],
-                 stale_answer_timeout: float) -> None:
+                 stale_answer_timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
+        # The cache's and the pool's clock; tests move it forward instead of waiting.
+        self.clock = clock
         self.engine = engine
         self.pool = engine.pool
         self.nursery = nursery
@@ -66,13 +71,13 @@ class Fetcher:
         engine = self.engine
         self.running += 1
         answer = None
-        now = time.monotonic()
+        now = self.clock()
         resolution = engine.resolution(now, background=job.background)
         stale_at = math.inf if job.background else now + self.stale_answer_timeout
         outcomes_in, outcomes_out = trio.open_memory_channel[tuple[Try, Any]](math.inf)
         try:
             while True:
-                now = time.monotonic()
+                now = self.clock()
                 if now >= stale_at:
                     stale_at = math.inf
                     for reply in engine.on_stale_timeout(job.key, now):
@@ -84,10 +89,11 @@ class Fetcher:
                     self.pool.on_sent(step.upstream, now)
                     self.nursery.start_soon(self._try, step, job, outcomes_in)
                     continue
-                # Deadlines are time.monotonic() values; trio's clock has its own offset.
-                with trio.move_on_after(max(0.0, min(step.until, stale_at) - now)):
+                # Deadlines are our clock's values; trio's clock has its own offset. The floor
+                # makes every pass a real wait, so this loop can never starve other tasks.
+                with trio.move_on_after(max(MIN_WAIT_SECONDS, min(step.until, stale_at) - now)):
                     attempt, result = await outcomes_out.receive()
-                    resolution.record(attempt, result.outcome, time.monotonic())
+                    resolution.record(attempt, result.outcome, self.clock())
                     if result.outcome.is_answer:
                         answer = result.scan
         except Exception:
@@ -98,7 +104,7 @@ class Fetcher:
         finally:
             outcomes_out.close()
             self.running -= 1
-            now = time.monotonic()
+            now = self.clock()
             replies = (engine.on_answer(job.key, answer, now) if answer is not None
                        else engine.on_failure(job.key, now, background=job.background))
             for reply in replies:
@@ -111,8 +117,8 @@ class Fetcher:
         upstream = attempt.upstream
         result = await upstream_io.exchange(upstream.endpoint, job.question, job.do, job.cd,
                                             attempt.timeout,
-                                            _Budget(self.pool, upstream, priority))
-        now = time.monotonic()
+                                            _Budget(self.pool, upstream, priority, self.clock))
+        now = self.clock()
         if result.spoofed:
             log.warning("ignored %d unmatched replies from %s (RFC 5452)", result.spoofed,
                         upstream.endpoint)
@@ -126,7 +132,7 @@ class Fetcher:
     async def probe(self, upstream: Upstream) -> None:
         """Ask a DOWN upstream one question it should know, from spare tokens only."""
         question, do, cd = self.pool.last_good_question or ROOT_NS_QUESTION
-        now = time.monotonic()
+        now = self.clock()
         if not upstream.bucket.try_spend(1, now, Priority.BACKGROUND):
             return
         self.pool.on_sent(upstream, now)
@@ -136,14 +142,14 @@ class Fetcher:
         outcome = result.outcome
         if outcome is Outcome.REFUSED and question == ROOT_NS_QUESTION[0] and result.rtt > 0:
             outcome = Outcome.NODATA
-        self.pool.report(upstream, outcome, result.rtt, time.monotonic())
+        self.pool.report(upstream, outcome, result.rtt, self.clock())
         self.log_events()
 
     async def ticker(self) -> None:
         """Time-driven health changes and probes."""
         while True:
             await trio.sleep(TICK_SECONDS)
-            for upstream in self.pool.tick(time.monotonic()):
+            for upstream in self.pool.tick(self.clock()):
                 self.nursery.start_soon(self.probe, upstream)
             self.log_events()
 
@@ -155,7 +161,9 @@ class Fetcher:
 class EnaReader:
     """Reads ENA counters once a second and turns increases into evidence (DESIGN.md 4)."""
 
-    def __init__(self, pool: Pool, command: str | None, path: str | None) -> None:
+    def __init__(self, pool: Pool, command: str | None, path: str | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.pool = pool
         self.command = command
         self.path = path
@@ -183,7 +191,7 @@ class EnaReader:
             else:
                 self.last = counters
                 if self.previous is not None:
-                    now = time.monotonic()
+                    now = self.clock()
                     for upstream, evidence in ena.evidence(self.previous, counters,
                                                            self.pool.upstreams, now):
                         self.pool.note_external(upstream, evidence, now)

@@ -98,7 +98,8 @@ def bind_udp(host: str, port: int, buffer_bytes: int) -> socket.socket:
 
 class UdpListener:
     def __init__(self, sock: socket.socket, engine: Any, dispatcher: Dispatcher,
-                 acl: Acl) -> None:
+                 acl: Acl, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.sock = sock
         self.engine = engine
         self.dispatcher = dispatcher
@@ -114,7 +115,7 @@ class UdpListener:
         memo = self.acl.memo
         allowed = self.acl.allowed
         on_query = self.dispatcher.on_query
-        clock = time.monotonic
+        clock = self.clock
         since_checkpoint = 0
         while True:
             try:
@@ -209,7 +210,8 @@ class TcpConnection:
 
 class TcpServer:
     def __init__(self, engine: Any, dispatcher: Dispatcher, acl: Acl, idle_timeout: float,
-                 max_connections: int) -> None:
+                 max_connections: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.engine = engine
         self.dispatcher = dispatcher
         self.acl = acl
@@ -277,7 +279,7 @@ class TcpServer:
         if len(message) < wire.HEADER_LEN or message[2] & wire.FLAG2_QR:
             return  # nothing is owed to a runt or a response
         conn.pending += 1
-        now = time.monotonic()
+        now = self.clock()
         reply = self.engine.answer(message, now, tcp=True)
         if reply is not None:
             conn.deliver(reply)

@@ -87,7 +87,7 @@ class Service:
     async def ticker(self) -> None:
         while True:
             await trio.sleep(PURGE_INTERVAL_SECONDS)
-            self.engine.cache.purge_expired(time.monotonic(), self.config.stale_max_seconds,
+            self.engine.cache.purge_expired(self.fetcher.clock(), self.config.stale_max_seconds,
                                             scan_limit=PURGE_SCAN_ENTRIES)
 
 
@@ -115,9 +115,12 @@ def _bind_all(config: Config) -> list[tuple[Endpoint, socket.socket]]:
 
 
 async def run(config: Config, *, handle_signals: bool = True,
+              clock: Callable[[], float] = time.monotonic,
               task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled or signalled; task_status.started(service) once listening."""
-    engine = build_engine(config)
+    """Serve until cancelled or signalled; task_status.started(service) once listening.
+
+    `clock` is the time the cache, budgets and health see (tests move it forward)."""
+    engine = build_engine(config, clock())
     acl = Acl(config.allow)
     udp_socks = _bind_all(config)
     # Every socket is bound before the nursery opens, so a bind failure reaches the CLI as
@@ -137,24 +140,24 @@ async def run(config: Config, *, handle_signals: bool = True,
             await listener.aclose()
         raise
     async with trio.open_nursery() as nursery:
-        fetcher = Fetcher(engine, nursery, deliver, config.stale_answer_timeout_seconds)
+        fetcher = Fetcher(engine, nursery, deliver, config.stale_answer_timeout_seconds, clock)
         engine.on_prefetch = fetcher.start
         service = Service(config, engine, nursery, fetcher)
         for endpoint, sock in udp_socks:
-            listener = UdpListener(sock, engine, service, acl)
+            listener = UdpListener(sock, engine, service, acl, clock)
             service.udp.append(listener)
             service.bound.append(endpoint)
             nursery.start_soon(listener.serve)
         # One TCP server for all addresses: the connection cap is for the whole resolver.
         tcp = TcpServer(engine, service, acl, config.tcp_idle_timeout_seconds,
-                        config.tcp_max_connections)
+                        config.tcp_max_connections, clock)
         service.tcp.append(tcp)
         nursery.start_soon(trio.serve_listeners, tcp.handle, tcp_listeners)
         nursery.start_soon(service.ticker)
         nursery.start_soon(fetcher.ticker)
         if config.ena_counters_command or config.ena_counters_file:
             service.ena = EnaReader(engine.pool, config.ena_counters_command,
-                                    config.ena_counters_file)
+                                    config.ena_counters_file, clock)
             nursery.start_soon(service.ena.run, fetcher)
         if handle_signals:
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
