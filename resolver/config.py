@@ -180,7 +180,8 @@ def parse_endpoint(text: str, default_port: int = DNS_PORT, key: str = "address"
     elif text.count(":") == 1:
         host, port_text = text.split(":")
     try:
-        ipaddress.ip_address(host)
+        # Normalised (e.g. ::0001 → ::1): replies are matched against this exact text.
+        host = str(ipaddress.ip_address(host))
     except ValueError:
         raise ConfigError(f"{key}: '{text}' is not an IP address: write HOST:PORT with a "
                           "numeric address such as 127.0.0.1:53 or [::1]:53") from None

@@ -17,12 +17,16 @@ from resolver.core.model import Outcome
 OK, TIMEOUT, SERVFAIL = Outcome.OK, Outcome.TIMEOUT, Outcome.SERVFAIL
 
 
-def feed(health: Health, events: list[tuple[float, Outcome, float]]) -> list[tuple[float, str]]:
-    """(time, outcome, rtt) events in; (time, new state) transitions out."""
+def feed(health: Health, events: list[tuple[float, Outcome, float]],
+         tick: bool = False) -> list[tuple[float, str]]:
+    """(time, outcome, rtt) events in; (time, new state) transitions out. With tick, the
+    pool's periodic evaluation runs after every event too."""
     seen = []
     for now, outcome, rtt in events:
         health.on_sent(now)
         transition = health.on_outcome(outcome, rtt, now)
+        if transition is None and tick:
+            transition = health.evaluate(now)
         if transition is not None:
             seen.append((now, transition.new.value))
     return seen
@@ -72,7 +76,11 @@ def test_error_burst_is_throttling() -> None:
 def test_rtt_inflation_is_throttling() -> None:
     health = Health(None, 0.0)
     events = steady(0.0, 5.0, 20, rtt=0.002) + steady(5.0, 1.0, 20, rtt=0.2)
-    assert feed(health, events)[0][1] == "throttled"
+    # Answers alone never evaluate a healthy upstream (the common case stays cheap); the
+    # pool's tick does.
+    assert feed(health, events) == []
+    health = Health(None, 0.0)
+    assert feed(health, events, tick=True)[0][1] == "throttled"
     assert health.last_evidence.startswith("RTT inflation")
 
 

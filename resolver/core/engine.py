@@ -82,21 +82,24 @@ class Engine:
             shape = self._learn_shape(data)
             if shape is None:
                 return None
-        key, question, opt, limit, rd = shape
         entries = self.cache.entries
-        entry = entries.get(key)
+        entry = entries.get(shape[0])
         if entry is None or now >= entry.expires_at:
             return None
-        entries.move_to_end(key)
         entry.hits += 1
         self.hits += 1
+        age = int(now - entry.stored_at)
+        if entry.tail_age == age and entry.tail_shape is shape and not tcp:
+            # The same second and shape as an earlier hit, which already refreshed the LRU
+            # position and looked at prefetch: recency is kept to the second, and this hit is
+            # one concatenation.
+            return data[:2] + entry.tail
+        key, question, opt, limit, rd = shape
+        entries.move_to_end(key)
         if now >= entry.prefetch_at:
             self._prefetch(entry)
         if tcp:
             return entry.reply(data[:2], rd, question, opt, wire.MAX_TCP_MESSAGE, now)
-        age = int(now - entry.stored_at)
-        if entry.tail_shape is shape and entry.tail_age == age:
-            return data[:2] + entry.tail
         reply = entry.reply(data[:2], rd, question, opt, limit, now)
         entry.tail, entry.tail_shape, entry.tail_age = reply[2:], shape, age
         return reply

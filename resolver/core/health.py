@@ -164,6 +164,9 @@ class Health:
                 else:
                     alpha = BASELINE_ALPHA_DOWN if rtt < self.baseline_rtt else BASELINE_ALPHA_UP
                     self.baseline_rtt += alpha * (rtt - self.baseline_rtt)
+                # An answer to a healthy upstream can only be evidence through RTT inflation,
+                # which the pool's tick looks at: the common case stays cheap.
+                return None
         return self.evaluate(now)
 
     def on_external(self, evidence: str, now: float) -> Transition | None:

@@ -63,7 +63,7 @@ class Waiter:
     limit: int  # the largest reply it accepts: its UDP size, or 65535 over TCP
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per query, and frozen init is slow
 class Reply:
     """Send `data` to `client`."""
 
@@ -71,7 +71,7 @@ class Reply:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per query, and frozen init is slow
 class Fetch:
     """Resolve `key` upstream: `question` is the case-folded question to send."""
 

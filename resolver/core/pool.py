@@ -301,7 +301,7 @@ class Pool:
 
 
 # -- one miss's tries ---------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per query, and frozen init is slow
 class Try:
     upstream: Upstream
     timeout: float
@@ -309,14 +309,14 @@ class Try:
     started: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per query, and frozen init is slow
 class Wait:
     """Nothing to start now: wait for an outcome, or until `until`, then ask again."""
 
     until: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per query, and frozen init is slow
 class Done:
     answered: bool
 

@@ -144,7 +144,7 @@ def cache_key(name_lower: bytes, qtype_qclass: bytes, key_flags: int) -> bytes:
 _FLAG_BYTES = [bytes((i,)) for i in range(256)]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per query, and frozen init is slow
 class QueryInfo:
     """A client query, parsed strictly on the slow path."""
 
@@ -298,7 +298,7 @@ def reply_matches(data: bytes, qid: int, question_lower: bytes) -> bool:
             and data[name_end:name_end + 4] == question_lower[-4:])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per query, and frozen init is slow
 class ReplyScan:
     """What the cache needs to know about an upstream reply, from one walk over its records."""
 

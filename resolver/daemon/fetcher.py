@@ -74,7 +74,7 @@ class Fetcher:
         now = self.clock()
         resolution = engine.resolution(now, background=job.background)
         stale_at = math.inf if job.background else now + self.stale_answer_timeout
-        outcomes_in, outcomes_out = trio.open_memory_channel[tuple[Try, Any]](math.inf)
+        channel: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel] | None = None
         try:
             while True:
                 now = self.clock()
@@ -87,12 +87,26 @@ class Fetcher:
                     break
                 if isinstance(step, Try):
                     self.pool.on_sent(step.upstream, now)
-                    self.nursery.start_soon(self._try, step, job, outcomes_in)
+                    if (len(resolution.running) == 1 and step.upstream.hedge_after(
+                            step.timeout) >= step.timeout):
+                        # Nothing can start beside this try (its upstream is healthy): run it
+                        # here, without a task and a channel; most misses take this path.
+                        result = await self._exchange(step, job)
+                        resolution.record(step, result.outcome, self.clock())
+                        if result.outcome.is_answer:
+                            answer = result.scan
+                        continue
+                    if channel is None:
+                        channel = trio.open_memory_channel[tuple[Try, Any]](math.inf)
+                    self.nursery.start_soon(self._try, step, job, channel[0])
+                    continue
+                if channel is None:  # waiting for tokens, with no try running
+                    await trio.sleep(max(MIN_WAIT_SECONDS, min(step.until, stale_at) - now))
                     continue
                 # Deadlines are our clock's values; trio's clock has its own offset. The floor
                 # makes every pass a real wait, so this loop can never starve other tasks.
                 with trio.move_on_after(max(MIN_WAIT_SECONDS, min(step.until, stale_at) - now)):
-                    attempt, result = await outcomes_out.receive()
+                    attempt, result = await channel[1].receive()
                     resolution.record(attempt, result.outcome, self.clock())
                     if result.outcome.is_answer:
                         answer = result.scan
@@ -102,29 +116,36 @@ class Fetcher:
             log.exception("fetch failed unexpectedly")
             answer = None
         finally:
-            outcomes_out.close()
+            if channel is not None:
+                channel[1].close()
             self.running -= 1
             now = self.clock()
             replies = (engine.on_answer(job.key, answer, now) if answer is not None
                        else engine.on_failure(job.key, now, background=job.background))
             for reply in replies:
                 self.deliver(reply)
-            self.log_events()
+            if self.pool.pending_events:
+                self.log_events()
 
-    async def _try(self, attempt: Try, job: Fetch, outcomes: trio.MemorySendChannel) -> None:
-        """One exchange; its outcome goes to the pool (health) and to the resolution."""
+    async def _exchange(self, attempt: Try, job: Fetch) -> upstream_io.Exchange:
+        """One exchange; its outcome goes to the pool (health) before anyone else sees it."""
         priority = Priority.BACKGROUND if job.background else Priority.CLIENT
         upstream = attempt.upstream
         result = await upstream_io.exchange(upstream.endpoint, job.question, job.do, job.cd,
                                             attempt.timeout,
                                             _Budget(self.pool, upstream, priority, self.clock))
-        now = self.clock()
         if result.spoofed:
             log.warning("ignored %d unmatched replies from %s (RFC 5452)", result.spoofed,
                         upstream.endpoint)
-        self.pool.report(upstream, result.outcome, result.rtt, now,
+        self.pool.report(upstream, result.outcome, result.rtt, self.clock(),
                          (job.question, job.do, job.cd))
-        self.log_events()
+        if self.pool.pending_events:
+            self.log_events()
+        return result
+
+    async def _try(self, attempt: Try, job: Fetch, outcomes: trio.MemorySendChannel) -> None:
+        """An exchange run beside others (hedging): the outcome goes back by channel."""
+        result = await self._exchange(attempt, job)
         # The resolution may be over (a hedge won): then nobody reads this, which is fine.
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             outcomes.send_nowait((attempt, result))

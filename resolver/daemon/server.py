@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import cachetools
 import trio
 
 from resolver.core import wire
@@ -35,6 +34,7 @@ PACKETS_PER_CHECKPOINT = 64
 # A TCP client that does not read its replies for this long loses its connection.
 TCP_SEND_TIMEOUT_SECONDS = 10.0
 _MAX_DATAGRAM = 65535
+ACL_MEMO_MAX = 4096
 
 
 class Dispatcher(Protocol):
@@ -51,11 +51,15 @@ class Acl:
 
     def __init__(self, networks: tuple[str, ...]) -> None:
         self.networks = tuple(ipaddress.ip_network(n) for n in networks)
-        self.memo: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=4096)
+        # A plain dict, cleared when full: read once per packet, so it must cost what a dict
+        # lookup costs (cachetools' LRU runs Python code on every get).
+        self.memo: dict[str, bool] = {}
 
     def allowed(self, host: str) -> bool:
         verdict = self.memo.get(host)
         if verdict is None:
+            if len(self.memo) >= ACL_MEMO_MAX:
+                self.memo.clear()
             try:
                 address = ipaddress.ip_address(host.split("%", 1)[0])
             except ValueError:
@@ -104,6 +108,11 @@ class UdpListener:
         self.engine = engine
         self.dispatcher = dispatcher
         self.acl = acl
+        # A socket bound to a loopback address only receives from this host (the kernel drops
+        # 127/8 destinations arriving from outside): when the ACL admits this host's loopback,
+        # there is nothing to check per packet.
+        host = sock.getsockname()[0]
+        self.check_acl = not (ipaddress.ip_address(host).is_loopback and acl.allowed(host))
         self._send_lock = trio.Lock()
         self.send_errors = 0
 
@@ -114,6 +123,7 @@ class UdpListener:
         answer = self.engine.answer
         memo = self.acl.memo
         allowed = self.acl.allowed
+        check_acl = self.check_acl
         on_query = self.dispatcher.on_query
         clock = self.clock
         since_checkpoint = 0
@@ -132,7 +142,7 @@ class UdpListener:
             if since_checkpoint >= PACKETS_PER_CHECKPOINT:
                 since_checkpoint = 0
                 await trio.lowlevel.checkpoint()
-            if not (memo.get(addr[0]) or allowed(addr[0])):
+            if check_acl and not (memo.get(addr[0]) or allowed(addr[0])):
                 refused = refusal(data)
                 if refused is not None:
                     self.deliver(refused, addr)
