@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 # Debian packages the integration tests and benchmarks use (installed only when run as root).
-DEB_PACKAGES := knot knot-dnsutils bind9-dnsutils unbound dnsperf nftables iproute2 util-linux systemd
+DEB_PACKAGES := knot knot-dnsutils bind9-dnsutils unbound dnsperf nftables iproute2 util-linux
 
 .PHONY: serve test venv deps lint bench clean
 

@@ -157,6 +157,7 @@ async def run(config: Config, *, handle_signals: bool = True,
         nursery.start_soon(trio.serve_listeners, tcp.handle, tcp_listeners)
         nursery.start_soon(service.ticker)
         nursery.start_soon(fetcher.ticker)
+        nursery.start_soon(fetcher.run)
         if config.ena_counters_command or config.ena_counters_file:
             service.ena = EnaReader(engine.pool, config.ena_counters_command,
                                     config.ena_counters_file, clock)

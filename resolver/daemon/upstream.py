@@ -65,7 +65,7 @@ async def exchange(upstream: Endpoint, question: bytes, do: bool, cd: bool,
         if result.outcome is Outcome.TRUNCATED and (tcp_budget is None
                                                     or tcp_budget.try_spend(_TCP_BASE_PACKETS)):
             # RFC 7766 5: a truncated answer is retried over TCP, to the same server.
-            result = await _tcp(upstream, question, do, cd)
+            result = await tcp_exchange(upstream, question, do, cd)
             if tcp_budget is not None and tcp_packets(result.size) > _TCP_BASE_PACKETS:
                 tcp_budget.charge(tcp_packets(result.size) - _TCP_BASE_PACKETS)
         result.rtt = time.monotonic() - started
@@ -117,7 +117,8 @@ async def _udp(upstream: Endpoint, question: bytes, do: bool, cd: bool,
         sock.close()
 
 
-async def _tcp(upstream: Endpoint, question: bytes, do: bool, cd: bool) -> Exchange:
+async def tcp_exchange(upstream: Endpoint, question: bytes, do: bool, cd: bool) -> Exchange:
+    """One query over TCP (RFC 7766), matched like UDP; the caller bounds the time."""
     qid = secrets.randbits(16)
     query = wire.build_query(qid, question, do, cd)
     try:
