@@ -34,7 +34,8 @@ class Config:
     /etc/resolv.conf."""
 
     fallback: tuple[Endpoint, ...] = ()
-    """Fallback servers (e.g. the VPC resolver), asked only after every primary failed."""
+    """Fallback servers (e.g. the VPC resolver): they take the primaries' overflow, and all
+    traffic while the primaries are down (see docs/upstream-protection.md)."""
 
     upstream_pps: int | None = None
     """Packets per second allowed to each upstream that has no `pps` of its own. Unset: no
@@ -210,8 +211,8 @@ def _endpoints(key: str, value: Any) -> tuple[Endpoint, ...]:
     out = []
     for item in value:
         if isinstance(item, Mapping):
-            # [[upstream]] tables (address, role, pps, burst): role is honoured now, budgets
-            # arrive with upstream protection.
+            # [[upstream]] tables (address, role, pps, burst): role picks the list here,
+            # pps and burst are read by _limits.
             unknown = sorted(set(item) - set(_UPSTREAM_TABLE_KEYS))
             if unknown:
                 raise ConfigError(f"{key}: unknown key '{unknown[0]}' in an [[{key}]] table: "
@@ -251,7 +252,7 @@ def parse(mapping: Mapping[str, Any], source: str = "config") -> Config:
         mapping["upstream"] = primaries
         if fallbacks:
             mapping["fallback"] = fallbacks
-    values["upstream_limits"] = _limits(mapping.get("upstream", []) +
+    values["upstream_limits"] = _limits(list(_as_list(mapping.get("upstream", []))) +
                                         list(_as_list(mapping.get("fallback", []))))
     for key, value in mapping.items():
         if key not in known:
@@ -286,7 +287,9 @@ def _limits(items: list[Any]) -> tuple[tuple[Endpoint, int | None, int | None], 
     for item in items:
         if not isinstance(item, Mapping) or not ({"pps", "burst"} & set(item)):
             continue
-        endpoint = parse_endpoint(item.get("address", ""), key="upstream")
+        if "address" not in item:
+            raise ConfigError('upstream: an [[upstream]] table needs address = "HOST:PORT"')
+        endpoint = parse_endpoint(item["address"], key="upstream")
         pps = _number("upstream_pps", item["pps"], int) if "pps" in item else None
         burst = _number("upstream_burst", item["burst"], int) if "burst" in item else None
         out.append((endpoint, pps, burst))
@@ -296,15 +299,15 @@ def _limits(items: list[Any]) -> tuple[tuple[Endpoint, int | None, int | None], 
 def budget_for(config: Config, endpoint: Endpoint) -> tuple[int | None, int | None]:
     """(pps, burst) for an upstream: its own table, else the global flags, else the AWS
     resolver default for its well-known addresses, else no budget."""
-    for limited, pps, burst in config.upstream_limits:
+    pps, burst = None, None
+    for limited, table_pps, table_burst in config.upstream_limits:
         if limited == endpoint:
-            return (pps if pps is not None else config.upstream_pps,
-                    burst if burst is not None else config.upstream_burst)
-    if config.upstream_pps is not None:
-        return config.upstream_pps, config.upstream_burst
-    if endpoint.host.lower() in AWS_RESOLVER_ADDRESSES:
-        return AWS_RESOLVER_PPS, config.upstream_burst
-    return None, config.upstream_burst
+            pps, burst = table_pps, table_burst
+    if pps is None:
+        pps = config.upstream_pps
+    if pps is None and endpoint.host.lower() in AWS_RESOLVER_ADDRESSES:
+        pps = AWS_RESOLVER_PPS
+    return pps, burst if burst is not None else config.upstream_burst
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -159,3 +159,25 @@ def test_limits_are_printed_as_plain_numbers() -> None:
 def test_upstream_tables_refuse_unknown_or_missing_keys(table: dict) -> None:
     with pytest.raises(ConfigError, match=r"^upstream: "):
         cfg.parse({"upstream": [table]})
+
+
+def test_a_single_string_upstream_is_accepted() -> None:
+    assert cfg.parse({"upstream": "10.0.0.2"}).upstream == (Endpoint("10.0.0.2", 53),)
+
+
+def test_budget_precedence() -> None:
+    vpc = Endpoint("169.254.169.253", 53)
+    cluster = Endpoint("10.0.0.2", 53)
+    c = cfg.parse({"upstream": [{"address": "10.0.0.2", "pps": 500, "burst": 40},
+                                {"address": "169.254.169.253", "role": "fallback",
+                                 "burst": 50}]})
+    assert cfg.budget_for(c, cluster) == (500, 40)
+    assert cfg.budget_for(c, vpc) == (cfg.AWS_RESOLVER_PPS, 50)  # the AWS default stays
+    flags = cfg.parse({"upstream": ["10.0.0.9"], "upstream_pps": 300})
+    assert cfg.budget_for(flags, Endpoint("10.0.0.9", 53)) == (300, None)
+    assert cfg.budget_for(cfg.parse({}), cluster) == (None, None)
+
+
+def test_a_budget_table_without_address() -> None:
+    with pytest.raises(ConfigError, match="needs address"):
+        cfg.parse({"upstream": [{"pps": 100}]})

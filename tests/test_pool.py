@@ -93,7 +93,10 @@ def test_no_token_overflows_to_the_fallback() -> None:
     pool = pool_of(primary(P1, pps=10, burst=2), fallback(F1, pps=100, burst=10))
     asked = [pool.acquire(0.0, Priority.CLIENT, set()).endpoint for _ in range(4)]
     assert asked == [P1, P1, F1, F1]
-    assert pool.mode is Mode.REPOINTED  # the primaries' budget could not carry the load
+    assert pool.mode is Mode.PRIMARY  # two misses past a burst: what bursts are for
+    for _ in range(10):
+        pool.acquire(0.1, Priority.CLIENT, set())
+    assert pool.mode is Mode.REPOINTED  # a steady stream: the budget cannot carry the load
 
 
 def test_first_try_waits_briefly_for_a_token_then_gives_up() -> None:
@@ -127,10 +130,21 @@ def test_queue_has_a_hard_cap() -> None:
 
 def test_no_retry_when_the_budget_says_no() -> None:
     pool = pool_of(primary(P1, pps=10, burst=1))
-    res = Resolution(pool, Timing(), 0.0)
+    res = Resolution(pool, Timing(queue_wait=0.05), 0.0)
     step = res.next_step(0.0)
     res.record(step, Outcome.TIMEOUT, 0.01)
-    assert res.next_step(0.01) == Done(False)
+    # The retry waits as briefly as a first try would; the next token is at 0.1 s: no retry.
+    assert res.next_step(0.01) == Wait(0.060000000000000005)
+    assert res.next_step(0.061) == Done(False) and res.denied
+
+
+def test_a_retry_gets_a_token_that_comes_within_the_wait() -> None:
+    pool = pool_of(primary(P1, pps=100, burst=1))
+    res = Resolution(pool, Timing(queue_wait=0.05), 0.0)
+    step = res.next_step(0.0)
+    res.record(step, Outcome.SERVFAIL, 0.001)
+    assert isinstance(res.next_step(0.001), Wait)
+    assert isinstance(res.next_step(0.01), Try)
 
 
 def test_background_work_leaves_the_reserve_to_clients() -> None:

@@ -168,19 +168,22 @@ class Engine:
         entry = self.cache.store(key, scan, now)
         return [Reply(w.client, entry.reply_to(w, now)) for w in self.inflight.finish(key)]
 
-    def on_failure(self, key: bytes, now: float, background: bool = False) -> list[Reply]:
+    def on_failure(self, key: bytes, now: float, background: bool = False,
+                   remember: bool = True) -> list[Reply]:
         """No upstream answered: stale data if we have it, else SERVFAIL, never NXDOMAIN.
 
         The failure is remembered for failure_ttl (RFC 9520 3.2), so retries in that time are
         answered here, stale or SERVFAIL, without another upstream packet. A prefetch that
         nobody joined and that found no spare tokens fails quietly: the entry just ages out.
+        remember=False (our own budget said no, the name did nothing wrong) caches nothing.
         """
         self._stale_served.discard(key)
         waiters = self.inflight.finish(key)
         if background and not waiters:
             return []
         self.failures += 1
-        self.cache.note_failure(key, now)
+        if remember:
+            self.cache.note_failure(key, now)
         return [Reply(w.client, self._stale_or_servfail(key, w, now)) for w in waiters]
 
     def on_stale_timeout(self, key: bytes, now: float) -> list[Reply]:

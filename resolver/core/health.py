@@ -14,9 +14,11 @@ Invariants:
      CLEAN_RUN answers in a row: mild random loss (below LOSS_RATIO) is never evidence, so it
      cannot cause flapping.
   3. DOWN → THROTTLED only on answers (from probes): it comes back at a low rate and climbs.
-  4. While THROTTLED the learned rate falls multiplicatively (to what was delivered, at most
-     once per RATE_STEP_SECONDS) on evidence and rises additively each clean step, never above
-     the configured budget; reaching it again clears the learned rate.
+  4. While THROTTLED the learned rate falls on new losses (to just under what was delivered,
+     or multiplicatively when too few answers say what that is; at most once per
+     RATE_STEP_SECONDS) and rises additively each clean step, never above the configured
+     budget (an unbudgeted upstream: never above the rate it had when throttling began); the
+     learned rate is cleared on the return to HEALTHY.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ RECOVERY_RATE_FRACTION = 0.1
 # Adaptive rate (AIMD, as TCP finds a path's capacity).
 RATE_STEP_SECONDS = 1.0
 RATE_DECREASE = 0.7
+# On loss with enough answers in the window, the rate goes to this share of what was delivered
+# (the throttle's real limit, less a margin), not a blind 0.7 that would undershoot it.
+DELIVERED_MARGIN = 0.95
 RATE_INCREASE_FRACTION = 0.05  # of the reference rate, per clean step
 
 
@@ -142,6 +147,8 @@ class Health:
         self.last_evidence = ""
         self.last_rate_step = now
         self.clean_run = 0
+        self.failures_total = 0  # timeouts and errors ever seen (for the rate step)
+        self.failures_at_step = 0
         self.changed_at = now
         self.last_transition: Transition | None = None
 
@@ -153,6 +160,7 @@ class Health:
         self.window.outcome(outcome, rtt, now)
         if outcome is Outcome.TIMEOUT or outcome in _ERRORS:
             self.clean_run = 0
+            self.failures_total += 1
             if self.state is State.DOWN:
                 # A failed probe is fresh evidence: the hold before return starts again.
                 self.last_evidence_at = now
@@ -249,18 +257,25 @@ class Health:
     def _rate_step_down(self, now: float, force: bool = False) -> None:
         if not force and now - self.last_rate_step < RATE_STEP_SECONDS:
             return
+        if not force and self.failures_total == self.failures_at_step:
+            # The evidence is losses already acted on, still inside the window: cutting again
+            # for them would ratchet the rate far below what the upstream delivers.
+            return
         self.last_rate_step = now
+        self.failures_at_step = self.failures_total
         current = self.learned_rate
         if current is None:
             current = self.configured_rate or max(self.sent_rate(now), MIN_RATE_PPS)
             self.reference_rate = self.configured_rate or current
         target = current * RATE_DECREASE
         totals = self.window.totals(now)
-        if totals.answered >= RTT_MIN_SAMPLES:
-            # Enough answers to know what gets through: go straight down to it. With fewer,
+        if totals.answered >= RTT_MIN_SAMPLES and totals.sent:
+            # Enough answers to know what gets through: go to just under that. With fewer,
             # "delivered" is mostly noise, and the multiplicative step alone applies.
-            target = min(target, totals.answered / WINDOW_SECONDS)
-        self.learned_rate = max(MIN_RATE_PPS, target)
+            delivered = totals.answered / WINDOW_SECONDS
+            if delivered < current:
+                target = DELIVERED_MARGIN * delivered
+        self.learned_rate = max(MIN_RATE_PPS, min(target, current))
 
     def _rate_step_clean(self, now: float, totals: Totals) -> None:
         if self.learned_rate is None or now - self.last_rate_step < RATE_STEP_SECONDS:
@@ -269,6 +284,5 @@ class Health:
         if totals.timeouts or totals.errors or not totals.answered:
             return
         reference = self.reference_rate or self.learned_rate
-        self.learned_rate += max(1.0, RATE_INCREASE_FRACTION * reference)
-        if self.configured_rate is not None and self.learned_rate >= self.configured_rate:
-            self.learned_rate = self.configured_rate
+        self.learned_rate = min(self.learned_rate + max(1.0, RATE_INCREASE_FRACTION * reference),
+                                self.configured_rate or reference)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -35,17 +35,16 @@ class Endpoint:
 
     host: str
     port: int
+    # Derived once: both are read for every upstream packet.
+    family_v6: bool = field(init=False, compare=False, repr=False)
+    sockaddr: tuple[str, int] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "family_v6", ":" in self.host)
+        object.__setattr__(self, "sockaddr", (self.host, self.port))
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def family_v6(self) -> bool:
-        return ":" in self.host
-
-    @property
-    def sockaddr(self) -> tuple[str, int]:
-        return (self.host, self.port)
+        return f"[{self.host}]:{self.port}" if self.family_v6 else f"{self.host}:{self.port}"
 
 
 @dataclass(slots=True)

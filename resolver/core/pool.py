@@ -39,8 +39,11 @@ HEDGE_MIN_SECONDS = 0.02
 PROBE_FIRST_SECONDS = 0.5
 # Capped low: a recovered primary must be noticed well within hold time + 5 s.
 PROBE_MAX_SECONDS = 4.0
-# Client misses that found no primary token within this window count as overflow.
+# Overflow: at least OVERFLOW_MIN_DENIALS client misses found no primary token within one
+# OVERFLOW_WINDOW_SECONDS. A few denials in a burst are what the burst allowance is for; a
+# steady stream of them means the primaries' budgets cannot carry the load.
 OVERFLOW_WINDOW_SECONDS = 1.0
+OVERFLOW_MIN_DENIALS = 10
 # Recent transitions kept for `resolver upstreams` and logs.
 EVENT_HISTORY = 50
 
@@ -152,6 +155,8 @@ class Pool:
         self.override = Override.AUTO
         self.mode_changed_at = now
         self.last_overflow_at: float | None = None
+        self._denials = 0
+        self._denials_since = now
         self.events: deque[Event] = deque(maxlen=EVENT_HISTORY)
         self.pending_events: list[Event] = []
         self.transitions = 0
@@ -250,8 +255,12 @@ class Pool:
         self._update_mode(now)
 
     def _overflow(self, now: float) -> None:
-        self.last_overflow_at = now
-        self._update_mode(now)
+        if now - self._denials_since >= OVERFLOW_WINDOW_SECONDS:
+            self._denials_since, self._denials = now, 0
+        self._denials += 1
+        if self._denials >= OVERFLOW_MIN_DENIALS:
+            self.last_overflow_at = now
+            self._update_mode(now)
 
     # -- the repoint state machine ------------------------------------------------------------
     def _repoint_reason(self, now: float) -> str:
@@ -336,7 +345,7 @@ class Resolution:
         self.priority = priority
         self.started = now
         self.deadline = now + timing.deadline
-        self.queue_until = now + timing.queue_wait if priority is Priority.CLIENT else now
+        self.queue_until = now  # set when a wait for tokens begins (clients only)
         self.max_tries = max(timing.max_tries, len(pool.upstreams))
         self.tries = 0
         self.running: dict[Endpoint, Try] = {}
@@ -377,10 +386,13 @@ class Resolution:
     def _no_token(self, now: float, exclude: set[Endpoint]) -> Wait | Done:
         """No try running and no token: queue briefly (first tries of clients), else give up.
 
-        A retry never waits for tokens: when the budget says no, there is no retry (a retry
-        storm is how throttling turns into an outage).
+        Retries queue the same way, from the moment they need a token: a retry is made only
+        when the budget grants it within that short wait, never beyond (a retry storm is how
+        throttling turns into an outage).
         """
-        if not self.tries and now < self.queue_until:
+        if not self.queued and self.priority is Priority.CLIENT:
+            self.queue_until = min(now + self.timing.queue_wait, self.deadline)
+        if now < self.queue_until:
             if not self.queued:
                 if self.pool.waiting_for_tokens >= self.timing.queue_max:
                     self.denied = True

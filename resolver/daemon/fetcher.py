@@ -101,7 +101,8 @@ class Fetcher:
         stale_at = math.inf if job.background else now + self.stale_answer_timeout
         pending = Pending(job, resolution, stale_at)
         self.running += 1
-        if stale_at < math.inf:
+        if stale_at < math.inf and job.key in self.engine.cache.entries:
+            # An expired answer exists: it may be served if upstreams are slow (RFC 8767).
             self._timer(stale_at, "stale", pending)
         self._advance(pending, now)
 
@@ -289,7 +290,8 @@ class Fetcher:
         if pending.answer is not None:
             replies = self.engine.on_answer(job.key, pending.answer, now)
         else:
-            replies = self.engine.on_failure(job.key, now, background=job.background)
+            replies = self.engine.on_failure(job.key, now, background=job.background,
+                                             remember=not pending.resolution.denied)
         for reply in replies:
             self.deliver(reply)
         if self.pool.pending_events:

@@ -109,10 +109,12 @@ class UdpListener:
         self.dispatcher = dispatcher
         self.acl = acl
         # A socket bound to a loopback address only receives from this host (the kernel drops
-        # 127/8 destinations arriving from outside): when the ACL admits this host's loopback,
-        # there is nothing to check per packet.
-        host = sock.getsockname()[0]
-        self.check_acl = not (ipaddress.ip_address(host).is_loopback and acl.allowed(host))
+        # 127/8 destinations arriving from outside unless route_localnet is set): when the ACL
+        # admits the whole loopback network, there is nothing to check per packet.
+        address = ipaddress.ip_address(sock.getsockname()[0])
+        loopback = ipaddress.ip_network("127.0.0.0/8" if address.version == 4 else "::1/128")
+        self.check_acl = not (address.is_loopback and any(
+            loopback.subnet_of(net) for net in acl.networks if net.version == address.version))
         self._send_lock = trio.Lock()
         self.send_errors = 0
 
