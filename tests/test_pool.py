@@ -220,7 +220,9 @@ def test_repoint_on_throttling_and_return_after_hold() -> None:
     events = [str(e) for e in pool.drain_events()]
     assert events[0].startswith("127.0.0.1:1: healthy -> throttled (silent loss: 3 of")
     assert events[1].startswith("pool: primary -> repointed (primary 127.0.0.1:1 is throttled")
+    assert events[2] == "127.0.0.1:1: rate -> 70 packets/s (learned rate; budget 100)"
     assert events[-1].startswith("pool: repointed -> primary")
+    assert pool.transitions == 4  # rate notes are not transitions
 
 
 def test_no_repoint_without_fallbacks() -> None:

@@ -46,6 +46,8 @@ OVERFLOW_WINDOW_SECONDS = 1.0
 OVERFLOW_MIN_DENIALS = 10
 # Recent transitions kept for `resolver upstreams` and logs.
 EVENT_HISTORY = 50
+# The learned rate is logged when it moved by at least this share since it was last logged.
+RATE_LOG_CHANGE = 0.1
 
 
 class Mode(enum.Enum):
@@ -122,6 +124,7 @@ class Upstream:
         self.next_probe_at = now
         self.probe_interval = PROBE_FIRST_SECONDS
         self.link_local = _link_local(spec.endpoint.host)
+        self.logged_rate: float | None = spec.pps
 
     @property
     def state(self) -> State:
@@ -240,19 +243,30 @@ class Pool:
         return due
 
     def _after(self, upstream: Upstream, transition: Transition | None, now: float) -> None:
+        if transition is not None:
+            if transition.new is State.DOWN:
+                upstream.next_probe_at = now + PROBE_FIRST_SECONDS
+                upstream.probe_interval = PROBE_FIRST_SECONDS
+            self._event(now, str(upstream.endpoint), transition.old.value,
+                        transition.new.value, transition.evidence)
+            self._update_mode(now)
         # The learned rate moves on evidence and on clean steps, not only on transitions.
         learned = upstream.health.learned_rate
         if learned != upstream.bucket.rate and not (learned is None and
                                                     upstream.bucket.rate == upstream.spec.pps):
             upstream.bucket.set_rate(learned if learned is not None else upstream.spec.pps, now)
-        if transition is None:
-            return
-        if transition.new is State.DOWN:
-            upstream.next_probe_at = now + PROBE_FIRST_SECONDS
-            upstream.probe_interval = PROBE_FIRST_SECONDS
-        self._event(now, str(upstream.endpoint), transition.old.value, transition.new.value,
-                    transition.evidence)
-        self._update_mode(now)
+            self._note_rate(upstream, now)
+
+    def _note_rate(self, upstream: Upstream, now: float) -> None:
+        """Log the learned rate when it has moved by RATE_LOG_CHANGE since last logged."""
+        rate = upstream.bucket.rate
+        logged = upstream.logged_rate
+        if rate is None or logged is None or abs(rate - logged) >= RATE_LOG_CHANGE * logged:
+            upstream.logged_rate = rate
+            budget = f"{upstream.spec.pps:g}" if upstream.spec.pps else "none"
+            self._event(now, str(upstream.endpoint), "rate",
+                        "unlimited" if rate is None else f"{rate:.0f} packets/s",
+                        f"learned rate; budget {budget}", transition=False)
 
     def _overflow(self, now: float) -> None:
         if now - self._denials_since >= OVERFLOW_WINDOW_SECONDS:
@@ -297,11 +311,13 @@ class Pool:
             self._event(now, "override", self.override.value, override.value, "operator")
             self.override = override
 
-    def _event(self, now: float, subject: str, old: str, new: str, evidence: str) -> None:
+    def _event(self, now: float, subject: str, old: str, new: str, evidence: str,
+               transition: bool = True) -> None:
         event = Event(now, subject, old, new, evidence)
         self.events.append(event)
         self.pending_events.append(event)
-        self.transitions += 1
+        if transition:
+            self.transitions += 1
 
     def drain_events(self) -> list[Event]:
         """Events not yet logged: the daemon logs each exactly once."""
