@@ -56,6 +56,7 @@ CLEAN_RUN = 5
 DOWN_RECOVERY_RUN = 1
 # A DOWN upstream comes back at this share of its reference rate and climbs from there.
 RECOVERY_RATE_FRACTION = 0.1
+UNBUDGETED_REFERENCE_PPS = 100.0
 # Adaptive rate (AIMD, as TCP finds a path's capacity).
 RATE_STEP_SECONDS = 1.0
 RATE_DECREASE = 0.7
@@ -189,7 +190,10 @@ class Health:
             return self._evidence(evidence, now, down)
         self._rate_step_clean(now, totals)
         if self.state is State.DOWN and self.clean_run >= DOWN_RECOVERY_RUN:
-            reference = self.reference_rate or self.configured_rate or 10.0
+            # An unbudgeted upstream that went straight to DOWN has no known rate: climb
+            # towards UNBUDGETED_REFERENCE_PPS until the hold returns it to unlimited.
+            reference = self.configured_rate or self.reference_rate or UNBUDGETED_REFERENCE_PPS
+            self.reference_rate = reference
             self.learned_rate = max(MIN_RATE_PPS, RECOVERY_RATE_FRACTION * reference)
             self.last_rate_step = now
             return self._move(State.THROTTLED, now,

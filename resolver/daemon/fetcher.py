@@ -172,7 +172,7 @@ class Fetcher:
                 for fd, _ in self.epoll.poll(0):
                     flight = self.flights.get(fd)
                     if flight is not None:
-                        self._readable(flight, now)
+                        self._guarded(self._readable, flight, now)
                 self._expire(now)
         finally:
             for flight in list(self.flights.values()):
@@ -190,20 +190,30 @@ class Fetcher:
         timers = self.timers
         while timers and timers[0][0] <= now:
             _, _, kind, obj = heapq.heappop(timers)
-            if kind == "flight":
-                flight = obj
-                if self.flights.get(flight.fd) is flight:  # still on the wire
-                    self._complete(flight, Outcome.TIMEOUT, None, now)
-            elif kind == "wake":
-                pending = obj
-                if not pending.done and pending.wake_at <= now:
-                    pending.wake_at = math.inf
-                    self._advance(pending, now)
-            elif kind == "stale":
-                pending = obj
-                if not pending.done:
-                    for reply in self.engine.on_stale_timeout(pending.job.key, now):
-                        self.deliver(reply)
+            self._guarded(self._fire, kind, obj, now)
+
+    def _guarded(self, handler: Callable[..., None], *args: object) -> None:
+        """Run one event's handler; a bug in it is logged, never the end of the I/O task."""
+        try:
+            handler(*args)
+        except Exception:
+            log.exception("upstream event handler failed")
+
+    def _fire(self, kind: str, obj: object, now: float) -> None:
+        if kind == "flight":
+            flight = obj
+            if self.flights.get(flight.fd) is flight:  # still on the wire
+                self._complete(flight, Outcome.TIMEOUT, None, now)
+        elif kind == "wake":
+            pending = obj
+            if not pending.done and pending.wake_at <= now:
+                pending.wake_at = math.inf
+                self._advance(pending, now)
+        elif kind == "stale":
+            pending = obj
+            if not pending.done:
+                for reply in self.engine.on_stale_timeout(pending.job.key, now):
+                    self.deliver(reply)
 
     def _readable(self, flight: Flight, now: float) -> None:
         sock = flight.sock
@@ -251,6 +261,11 @@ class Fetcher:
     def _report(self, pending: Pending, attempt: Try | None, upstream: Upstream,
                 outcome: Outcome, scan: wire.ReplyScan | None, rtt: float, now: float) -> None:
         job = pending.job
+        if (attempt is None and outcome is Outcome.REFUSED and scan is not None
+                and job.question == ROOT_NS_QUESTION[0]):
+            # A probe's `. NS` refused by an authoritative-only upstream is still an answer:
+            # it is alive (an ICMP refusal has no scan and stays a failure).
+            outcome = Outcome.NODATA
         self.pool.report(upstream, outcome, rtt, now, (job.question, job.do, job.cd))
         if self.pool.pending_events:
             self.log_events()
@@ -284,6 +299,8 @@ class Fetcher:
         self._report(flight.pending, flight.attempt, upstream, outcome, scan, now - started, now)
 
     def _finish(self, pending: Pending, now: float) -> None:
+        if pending.done:
+            return
         pending.done = True
         self.running -= 1
         job = pending.job
