@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
 import sys
 import time
 
@@ -119,4 +120,86 @@ def query(name: str, rdtype: str, server: str, tcp: bool, timeout: float) -> Non
     click.echo(f";; SERVER: {endpoint} ({'TCP' if tcp else 'UDP'})")
     click.echo(f";; MSG SIZE  rcvd: {len(response.to_wire())}")
 
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: find a nameserver's limits as numbers and plots."""
+
+
+@bench.command()
+@click.option("--target", required=True, metavar="HOST:PORT",
+              help="The nameserver to ramp toward (loopback unless --i-own-this-target).")
+@click.option("--start", "start_pps", default=100.0, show_default=True, metavar="PPS",
+              help="First step's rate, queries/s.")
+@click.option("--step", "step_pps", default=100.0, show_default=True, metavar="PPS",
+              help="Rate added per step.")
+@click.option("--max", "max_pps", default=2000.0, show_default=True, metavar="PPS",
+              help="Highest step rate.")
+@click.option("--step-seconds", default=2.0, show_default=True, metavar="S",
+              help="Seconds of sending per step.")
+@click.option("--out", "out_dir", default="capacity-out", show_default=True, metavar="DIR",
+              type=click.Path(file_okay=False), help="Where capacity.csv/.json/.png go.")
+@click.option("--loss-threshold", default=0.01, show_default=True,
+              help="The knee: first step losing more than this share of queries...")
+@click.option("--p99-bound-ms", default=100.0, show_default=True,
+              help="...or with p99 latency above this.")
+@click.option("--max-seconds", default=120.0, show_default=True, metavar="S",
+              help="Bound on the whole run; the plan is cut to fit.")
+@click.option("--full", is_flag=True, help="Run every step, not just one past the knee.")
+@click.option("--names", "names_file", type=click.Path(dir_okay=False, exists=True),
+              help="Query file, 'name TYPE' per line. Default: the mail workload.")
+@click.option("--ena-command", metavar="CMD", help='e.g. "ethtool -S eth0": ENA deltas per step.')
+@click.option("--ena-file", type=click.Path(dir_okay=False), metavar="PATH",
+              help="A file holding `ethtool -S` output, read before and after each step.")
+@click.option("--seed", default=1, show_default=True, help="Seed of the mail workload.")
+@click.option("--i-own-this-target", is_flag=True,
+              help="Allow a non-loopback target: you own it and may overload it.")
+def capacity(target: str, start_pps: float, step_pps: float, max_pps: float, step_seconds: float,
+             out_dir: str, loss_threshold: float, p99_bound_ms: float, max_seconds: float,
+             full: bool, names_file: str | None, ena_command: str | None, ena_file: str | None,
+             seed: int, i_own_this_target: bool) -> None:
+    """Ramp the offered rate toward a nameserver in steps and find the knee."""
+    import functools
+    from pathlib import Path
+
+    import trio
+
+    from resolver.bench import capacity as cap
+
+    if ena_command and ena_file:
+        raise click.ClickException("give --ena-command or --ena-file, not both")
+    try:
+        address = cap.parse_target(target, i_own_this_target)
+        config = cap.RampConfig(start_pps, step_pps, max_pps, step_seconds, loss_threshold,
+                                p99_bound_ms, max_seconds, full=full)
+        queries = cap.read_names(names_file) if names_file else cap.default_queries(seed)
+        ena = cap.EnaSource(ena_command, ena_file) if (ena_command or ena_file) else None
+        if ena is not None:
+            ena.read()  # fail now, not after the first step
+    except (ValueError, OSError, subprocess.SubprocessError) as e:
+        raise click.ClickException(str(e)) from None
+    ramp = cap.Ramp(config)
+    click.echo(f"capacity of {target}: " + cap.describe_plan(ramp.plan, config))
+    click.echo(cap.table_header(ena is not None))
+
+    def on_step(step: cap.Step, is_knee: bool) -> None:
+        click.echo(cap.table_row(step, is_knee, ena is not None))
+
+    progress = cap.Progress(sys.stderr, len(ramp.plan.rates_pps))
+    try:
+        trio.run(functools.partial(cap.run_ramp, ramp, address, queries, ena=ena,
+                                   on_step=on_step, progress=progress,
+                                   allow_non_loopback=i_own_this_target, seed=seed))
+    except KeyboardInterrupt:
+        progress.clear()
+        ramp.stop_reason = "interrupted"
+        click.echo("interrupted: writing the steps done so far", err=True)
+    report = ramp.report(target)
+    written = cap.write_outputs(Path(out_dir), ramp, report,
+                                say=lambda line: click.echo(line, err=True))
+    knee = report["knee_pps"]
+    click.echo(f"knee: {'none within the plan' if knee is None else f'{knee:g} pps'}; "
+               f"last good step: {report['last_good_pps']}; sent {report['sent_packets']} of "
+               f"{report['budget_packets']} budgeted queries ({report['stop_reason']})")
+    click.echo("wrote " + ", ".join(str(path) for path in written))
 

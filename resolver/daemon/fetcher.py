@@ -238,7 +238,8 @@ class Fetcher:
             outcome, scan = wire.classify(data)
             if outcome is Outcome.TRUNCATED:
                 self._close(flight)
-                self.nursery.start_soon(self._tcp, flight, now)
+                # The TCP retry is the same try: its time and RTT count from the UDP query.
+                self.nursery.start_soon(self._tcp, flight, flight.started)
                 return
             self._complete(flight, outcome, scan, now)
             return
