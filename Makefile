@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 venv: $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,plot]'
 
 serve: venv
 	@echo "Resolver on 127.0.0.1:5353 (UDP and TCP). Query it with:"
