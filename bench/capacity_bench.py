@@ -35,12 +35,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # resolver.bench.harness is standard library only: any Python
+from resolver.bench import harness  # noqa: E402
+
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 NETNS_ENV = "RESOLVER_CAPACITY_NETNS"
 KNOT_ADDRESS = "127.0.0.2"
@@ -50,42 +52,9 @@ LIMIT_BURST_PACKETS = 5  # small, so the limit is a rate and not a rate plus a l
 TARGET_ERROR = 0.05  # the issue's target: the knee within 5 % of N
 COARSE = {"start": 100, "step": 100, "max": 2000}
 FIGURE_MAX_BYTES = 100_000
-CHILD_STOP_SECONDS = 30.0
 
 
-def log(message: str) -> None:
-    print(f"[capacity-bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def run_in_namespace(argv: Sequence[str], python: str) -> int:
-    """Create the namespace, run this script again inside it, delete the namespace."""
-    namespace = f"capacity-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", namespace], check=True)
-    child: subprocess.Popen[bytes] | None = None
-
-    def forward(signum: int, _frame: object) -> None:
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    try:
-        subprocess.run(["ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up"],
-                       check=True)
-        child = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, python, str(Path(__file__).resolve()), *argv],
-            env={**os.environ, NETNS_ENV: namespace})
-        return child.wait()
-    finally:
-        if child is not None and child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(CHILD_STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        subprocess.run(["ip", "netns", "delete", namespace], check=False)
-        log(f"deleted network namespace {namespace}")
+log = harness.make_log("capacity-bench")
 
 
 class Nft:
@@ -105,18 +74,17 @@ table inet {NFT_TABLE} {{
     }}
 }}
 """
-        subprocess.run(["nft", "-f", "-"], input=ruleset.encode(), check=True)
+        harness.nft_load(ruleset)
         self.ruleset = " ".join(line.strip() for line in ruleset.splitlines() if line.strip())
 
     def read(self) -> dict[str, int]:
         out = subprocess.run(["nft", "-j", "list", "counters", "table", "inet", NFT_TABLE],
                              check=True, capture_output=True).stdout
-        return {item["counter"]["name"]: int(item["counter"]["packets"])
-                for item in json.loads(out)["nftables"] if "counter" in item}
+        return harness.parse_nft_counters(out)
 
     @staticmethod
     def close() -> None:
-        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], check=False)
+        harness.nft_delete_table(NFT_TABLE)
 
 
 def ramp(python: str, out: Path, start: float, step: float, maximum: float,
@@ -133,7 +101,7 @@ def ramp(python: str, out: Path, start: float, step: float, maximum: float,
 def machine() -> dict[str, Any]:
     return {"kernel": platform.release(), "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+            "loadavg": harness.loadavg()}
 
 
 def section(report: dict[str, Any]) -> str:
@@ -214,10 +182,7 @@ def bench(args: argparse.Namespace, python: str) -> int:
         "limit_pps": args.limit, "machine": machine(),
     }
 
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    harness.sigterm_as_interrupt()
     with contextlib.ExitStack() as stack:
         nft = Nft(args.limit)
         stack.callback(nft.close)
@@ -265,14 +230,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+    python = harness.venv_python(VENV_PYTHON)
     if os.geteuid() == 0 and NETNS_ENV not in os.environ:
         if shutil.which("nft") is None:
             raise SystemExit("nft is not available: this benchmark needs nftables")
-        return run_in_namespace(argv, python)
-    if sys.prefix == sys.base_prefix and VENV_PYTHON.exists():
-        os.execv(python, [python, str(Path(__file__).resolve()), *argv])
-    sys.path.insert(0, str(REPO))
+        # SIGINT and SIGTERM both passed on to the child.
+        return harness.run_in_namespace(
+            Path(__file__), argv, python, namespace=f"capacity-{os.getpid()}", env_var=NETNS_ENV,
+            log=log, forward_signals=(signal.SIGINT, signal.SIGTERM))
+    harness.reexec_in_venv(Path(__file__), argv, VENV_PYTHON)
     try:
         return bench(args, python)
     except KeyboardInterrupt:

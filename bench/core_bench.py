@@ -34,19 +34,20 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # resolver.bench.harness is standard library only: any Python
+from resolver.bench import harness  # noqa: E402
+from resolver.bench.harness import Process, free_port  # noqa: E402
+
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 # Set in the re-executed child: the namespace it runs in (the parent owns and deletes it).
 NETNS_ENV = "RESOLVER_BENCH_NETNS"
@@ -59,53 +60,14 @@ OUTSTANDING_QUERIES = 100
 CLIENT_CORE = "0"
 SERVER_CORE = "1"
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
-STOP_GRACE_SECONDS = 5.0
 READY_TIMEOUT_SECONDS = 30.0
 NFT_TABLE = "resolver_bench"
 UPSTREAM_PPS_UNBINDING = 1_000_000  # packets/s: ~50x the miss rate either server reaches here
 
+log = harness.make_log("core-bench")
 
 
-def log(message: str) -> None:
-    print(f"[core-bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# --- processes we start, and only those ------------------------------------------------
-
-
-class Process:
-    """A child we started; stopped by its PID only: SIGTERM, a grace period, then SIGKILL."""
-
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        log(f"start {name}: {shlex.join(self.argv)}")
-        self.popen = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        # taskset execs the program, so this PID is the server's own (what /proc is read for).
-        self.pid = self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self) -> None:
-        if self.alive():
-            self.popen.terminate()
-            try:
-                self.popen.wait(STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name} ignored SIGTERM for {STOP_GRACE_SECONDS}s: SIGKILL")
-                self.popen.kill()
-                self.popen.wait()
-        self._log.close()
+# --- the server's CPU time and memory, from /proc -------------------------------------------
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -129,90 +91,7 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def free_port() -> int:
-    """A port free for both UDP and TCP right now (the servers listen on both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((LOOPBACK, 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((LOOPBACK, port))
-                except OSError:
-                    continue
-                return port
-
-
-def dns_query(name: str, qtype: int = 1) -> bytes:
-    """A minimal RD query, built by hand so readiness probes need no DNS library."""
-    header = struct.pack("!HHHHHH", random.getrandbits(16), 0x0100, 1, 0, 0, 0)
-    labels = b"".join(
-        bytes([len(label)]) + label.encode() for label in name.rstrip(".").split(".")
-    )
-    return header + labels + b"\x00" + struct.pack("!HH", qtype, 1)
-
-
-def wait_answering(process: Process | None, port: int, probe_name: str) -> None:
-    """Wait until the server answers a UDP query (any rcode): listening is not enough."""
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(0.2)
-        while time.monotonic() < deadline:
-            if process is not None and not process.alive():
-                raise RuntimeError(f"{process.name} exited:\n{process.log_tail()}")
-            query = dns_query(probe_name)
-            sock.sendto(query, (LOOPBACK, port))
-            with contextlib.suppress(OSError):
-                reply = sock.recv(4096)
-                if reply[:2] == query[:2]:
-                    return
-            time.sleep(0.1)
-    name = process.name if process else f"port {port}"
-    tail = process.log_tail() if process else ""
-    raise RuntimeError(f"{name} did not answer within {READY_TIMEOUT_SECONDS}s\n{tail}")
-
-
-# --- the namespace ----------------------------------------------------------------------
-
-
-def run_in_namespace(argv: Sequence[str], python: str) -> int:
-    """Create the namespace, run this script again inside it, delete the namespace."""
-    namespace = f"resolver-bench-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", namespace], check=True)
-    child: subprocess.Popen[bytes] | None = None
-
-    def forward(signum: int, _frame: object) -> None:
-        # Ctrl-C reaches the child through the terminal's process group already; SIGTERM
-        # sent to us alone is passed on, so the child cleans up and we then delete the netns.
-        if child is not None and signum == signal.SIGTERM:
-            child.send_signal(signal.SIGTERM)
-
-    # A Python handler, not SIG_IGN: an ignored SIGINT would be inherited by the child.
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    try:
-        subprocess.run(["ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up"],
-                       check=True)
-        env = {**os.environ, NETNS_ENV: namespace}
-        child = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, python, str(Path(__file__).resolve()), *argv],
-            env=env,
-        )
-        while True:
-            try:
-                return child.wait()
-            except InterruptedError:
-                continue
-    finally:
-        if child is not None and child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        subprocess.run(["ip", "netns", "delete", namespace], check=False)
-        log(f"deleted network namespace {namespace}")
+# --- packets to knotd, counted inside our namespace -----------------------------------------
 
 
 class AuthorityCounter:
@@ -229,20 +108,20 @@ table inet {NFT_TABLE} {{
     }}
 }}
 """
-        subprocess.run(["nft", "-f", "-"], input=ruleset.encode(), check=True)
+        harness.nft_load(ruleset)
 
     def packets(self) -> int:
         out = subprocess.run(
             ["nft", "-j", "list", "counter", "inet", NFT_TABLE, "to_authority"],
             check=True, capture_output=True,
         ).stdout
-        for item in json.loads(out)["nftables"]:
-            if "counter" in item:
-                return int(item["counter"]["packets"])
-        raise RuntimeError("nft counter not found")
+        counters = harness.parse_nft_counters(out)
+        if "to_authority" not in counters:
+            raise RuntimeError("nft counter not found")
+        return counters["to_authority"]
 
     def close(self) -> None:
-        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], check=False)
+        harness.nft_delete_table(NFT_TABLE)
 
 
 # --- dnsperf ----------------------------------------------------------------------------
@@ -358,7 +237,7 @@ forward-zone:
         raise RuntimeError(f"unbound-checkconf: {check.stdout}{check.stderr}")
     process = Process(
         "unbound", ["taskset", "-c", SERVER_CORE, "unbound", "-d", "-c", str(conf)],
-        tmp / "unbound.log",
+        tmp / "unbound.log", log=log,
     )
     return Server("unbound", process, port)
 
@@ -382,7 +261,7 @@ def start_resolver(tmp: Path, authority_port: int, python: str, cache_entries: i
             "--listen", f"{LOOPBACK}:{port}",
             "--upstream", f"{LOOPBACK}:{authority_port}",
         ],
-        tmp / "resolver.log",
+        tmp / "resolver.log", log=log,
     )
     return Server("resolver", process, port)
 
@@ -464,39 +343,16 @@ def fresh_names(tag: str, count: int) -> list[tuple[str, str]]:
 
 
 def machine() -> dict[str, Any]:
-    model = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-
-    def version(argv: list[str]) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            text = (out.stdout + out.stderr).strip().splitlines()
-            return next((line for line in text if re.search(r"\d+\.\d+", line)), "")
-        return ""
-
+    version = harness.tool_version
     return {
         "nproc": os.cpu_count(),
-        "cpu_model": model,
+        "cpu_model": harness.cpu_model(),
         "kernel": os.uname().release,
         "python": sys.version.split()[0],
         "unbound": version(["unbound", "-V"]),
         "knotd": version(["knotd", "--version"]),
         "dnsperf": version(["dnsperf", "-h"]),
     }
-
-
-def git_state() -> str:
-    """HEAD plus whether resolver/ differs from it: the figures belong to that code."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "resolver"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return f"{head}{' + uncommitted changes in resolver/' if dirty else ''}"
-    return "unknown"
 
 
 def mean(values: list[float]) -> float:
@@ -649,7 +505,6 @@ def summarize_profile(path: Path, top: int = 15) -> list[str]:
 
 def bench(args: argparse.Namespace, python: str) -> int:
     # Imported here, not at the top: it needs dnspython, i.e. the venv main() re-executed into.
-    sys.path.insert(0, str(REPO))
     from resolver.bench.authority import Knot, query_names
 
     servers = [name.strip() for name in args.servers.split(",") if name.strip()]
@@ -667,15 +522,12 @@ def bench(args: argparse.Namespace, python: str) -> int:
         "rounds": args.rounds,
         "outstanding_queries": OUTSTANDING_QUERIES,
         "machine": machine(),
-        "git": git_state(),
+        "git": harness.git_state(REPO),
         # Other work on the machine shows here; the recorded figures need a quiet one.
-        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+        "loadavg_start": harness.loadavg(),
     })
 
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt  # run the finally blocks below: stop children, drop tmp
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    harness.sigterm_as_interrupt()  # run the finally blocks below: stop children, drop tmp
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="core-bench-")))
 
@@ -720,7 +572,8 @@ def bench(args: argparse.Namespace, python: str) -> int:
             stack.callback(server.process.stop)
             started[name] = server
         for server in started.values():
-            wait_answering(server.process, server.port, hit_queries[0][0])
+            harness.wait_answering(server.process, LOOPBACK, server.port, hit_queries[0][0],
+                                   timeout_seconds=READY_TIMEOUT_SECONDS, retry_seconds=0.1)
             log(f"{server.name} answering on port {server.port} (pid {server.process.pid})")
 
         # Warm both with the hit set (each line once), then fill with 100k distinct keys for
@@ -768,7 +621,7 @@ def bench(args: argparse.Namespace, python: str) -> int:
                 raise RuntimeError(f"{server.name} died:\n{server.process.log_tail()}")
             shutil.copy(server.process.log_path, args.out / server.process.log_path.name)
 
-    results.meta["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    results.meta["loadavg_end"] = harness.loadavg()
     summarize(results, servers, fill_entries)
     print_table(results, servers)
     out_file = args.out / "core_bench.json"
@@ -804,12 +657,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     # The resolver and resolver.bench need the project's venv; prefer it for everything.
-    python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+    python = harness.venv_python(VENV_PYTHON)
     if os.geteuid() == 0 and NETNS_ENV not in os.environ and not args.host_loopback:
-        return run_in_namespace(argv, python)
-    in_venv = sys.prefix != sys.base_prefix
-    if not in_venv and VENV_PYTHON.exists():
-        os.execv(python, [python, str(Path(__file__).resolve()), *argv])
+        # Ctrl-C reaches the child through the terminal's process group already; SIGTERM
+        # sent to us alone is passed on, so the child cleans up and we then delete the netns.
+        return harness.run_in_namespace(
+            Path(__file__), argv, python, namespace=f"resolver-bench-{os.getpid()}",
+            env_var=NETNS_ENV, log=log, forward_signals=(signal.SIGTERM,))
+    harness.reexec_in_venv(Path(__file__), argv, VENV_PYTHON)
     if NETNS_ENV not in os.environ:
         reason = "--host-loopback" if os.geteuid() == 0 else "not root"
         log(f"WARNING: {reason}: no private network namespace; running on the host's "

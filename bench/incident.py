@@ -46,7 +46,6 @@ import re
 import shlex
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # resolver.bench.harness is standard library only: any Python
+from resolver.bench import harness  # noqa: E402
+from resolver.bench.harness import Process  # noqa: E402
+
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 NETNS_ENV = "RESOLVER_INCIDENT_NETNS"
 LISTEN = "127.0.0.1"
@@ -71,7 +74,6 @@ SERVER_CORE = "1"
 NFT_TABLE = "incident_bench"
 SAMPLE_SECONDS = 0.25  # counter samples: 4 per second give sliding one-second windows
 CLIENT_TIMEOUT_SECONDS = 5.0  # glibc's resolver timeout: past it the MTA has given up
-STOP_GRACE_SECONDS = 5.0
 READY_TIMEOUT_SECONDS = 60.0
 SOCKETS = 8
 LIMIT_BURST_PACKETS = 5  # the kernel limit's burst: nft's minimum-ish default
@@ -80,115 +82,19 @@ TARGET_PHASES = ("baseline", "throttled", "recovered")
 ROOM_SHARE = 0.95
 
 
-def log(message: str) -> None:
-    print(f"[incident {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = harness.make_log("incident")
 
 
-# --- processes we start, and only those ------------------------------------------------
-
-
-class Process:
-    """A child we started; stopped by its PID only: SIGTERM, a grace period, then SIGKILL."""
-
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        log(f"start {name}: {shlex.join(argv)}")
-        self.popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=self._log,
-                                      stderr=subprocess.STDOUT)
-        self.pid = self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self) -> None:
-        if self.alive():
-            self.popen.terminate()
-            try:
-                self.popen.wait(STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name} ignored SIGTERM for {STOP_GRACE_SECONDS}s: SIGKILL")
-                self.popen.kill()
-                self.popen.wait()
-        self._log.close()
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((LISTEN, 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((LISTEN, port))
-                except OSError:
-                    continue
-                return port
+# --- readiness ------------------------------------------------------------------------------
 
 
 def wait_answering(process: Process, address: str, port: int, name: str) -> None:
     """Until the server answers a UDP query with any rcode (listening is not enough)."""
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(0.2)
-        while time.monotonic() < deadline:
-            if not process.alive():
-                raise RuntimeError(f"{process.name} exited:\n{process.log_tail()}")
-            qid = os.getpid() & 0xFFFF
-            labels = b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split("."))
-            query = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + b"\0\0\1\0\1"
-            sock.sendto(query, (address, port))
-            with contextlib.suppress(OSError):
-                if sock.recv(4096)[:2] == query[:2]:
-                    return
-            time.sleep(0.2)
-    raise RuntimeError(f"{process.name} did not answer within {READY_TIMEOUT_SECONDS}s\n"
-                       f"{process.log_tail()}")
+    harness.wait_answering(process, address, port, name, timeout_seconds=READY_TIMEOUT_SECONDS,
+                           retry_seconds=0.2, qid=os.getpid() & 0xFFFF)
 
 
 # --- the namespace ----------------------------------------------------------------------
-
-
-def run_in_namespace(argv: Sequence[str], python: str) -> int:
-    """Create the namespace, run this script again inside it, delete the namespace."""
-    namespace = f"incident-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", namespace], check=True)
-    child: subprocess.Popen[bytes] | None = None
-
-    def forward(signum: int, _frame: object) -> None:
-        if child is not None and signum == signal.SIGTERM:
-            child.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    try:
-        subprocess.run(["ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up"],
-                       check=True)
-        child = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, python, str(Path(__file__).resolve()), *argv],
-            env={**os.environ, NETNS_ENV: namespace},
-        )
-        while True:
-            try:
-                return child.wait()
-            except InterruptedError:
-                continue
-    finally:
-        if child is not None and child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        subprocess.run(["ip", "netns", "delete", namespace], check=False)
-        log(f"deleted network namespace {namespace}")
 
 
 def check_addresses() -> None:
@@ -225,7 +131,7 @@ table inet {NFT_TABLE} {{
     }}
 }}
 """
-        subprocess.run(["nft", "-f", "-"], input=ruleset.encode(), check=True)
+        harness.nft_load(ruleset)
 
     def throttle_rule(self) -> list[str]:
         return ["nft", "add", "rule", "inet", NFT_TABLE, "throttle", "ip", "daddr", PRIMARY,
@@ -243,11 +149,7 @@ table inet {NFT_TABLE} {{
 
     @staticmethod
     def parse(out: bytes) -> dict[str, int]:
-        counters = {}
-        for item in json.loads(out)["nftables"]:
-            if "counter" in item:
-                counters[item["counter"]["name"]] = int(item["counter"]["packets"])
-        return counters
+        return harness.parse_nft_counters(out)
 
     def read(self) -> dict[str, int]:
         out = subprocess.run(self.list_command(), check=True, capture_output=True).stdout
@@ -255,7 +157,7 @@ table inet {NFT_TABLE} {{
 
     def close(self) -> None:
         subprocess.run(self.unthrottle_rule(), check=False, capture_output=True)
-        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], check=False)
+        harness.nft_delete_table(NFT_TABLE)
 
 
 # --- knotd on both addresses --------------------------------------------------------------
@@ -280,7 +182,8 @@ def start_knot(tmp: Path, n_domains: int) -> Process:
     knotd = authority.find_knotd()
     if knotd is None:
         raise RuntimeError("knotd not found (Debian package: knot)")
-    process = Process("knotd", [knotd, "-c", str(workdir / "knot.conf")], tmp / "knotd.log")
+    process = Process("knotd", [knotd, "-c", str(workdir / "knot.conf")], tmp / "knotd.log",
+                      log=log)
     for address in (PRIMARY, FALLBACK):
         wait_answering(process, address, 53, ORIGIN)
     return process
@@ -318,7 +221,7 @@ burst = {b.fallback_burst}
 """)
     return Process("resolver", ["taskset", "-c", SERVER_CORE, python, "-m", "resolver", "serve",
                                 "--config", str(conf), "--listen", f"{LISTEN}:{port}"],
-                   tmp / "resolver.log")
+                   tmp / "resolver.log", log=log)
 
 
 def start_unbound(tmp: Path, port: int) -> Process:
@@ -357,7 +260,7 @@ forward-zone:
     if check.returncode != 0:
         raise RuntimeError(f"unbound-checkconf: {check.stdout}{check.stderr}")
     return Process("unbound", ["taskset", "-c", SERVER_CORE, "unbound", "-d", "-c", str(conf)],
-                   tmp / "unbound.log")
+                   tmp / "unbound.log", log=log)
 
 
 def dnsmasq_has_cache_rr() -> bool:
@@ -377,7 +280,8 @@ def start_dnsmasq(tmp: Path, port: int) -> Process:
         lines.append("cache-rr=MX,TXT,PTR,TLSA,AAAA,A")
     conf.write_text("\n".join(lines) + "\n")
     return Process("dnsmasq", ["taskset", "-c", SERVER_CORE, "dnsmasq", "-k",
-                               "--log-facility=-", f"--conf-file={conf}"], tmp / "dnsmasq.log")
+                               "--log-facility=-", f"--conf-file={conf}"], tmp / "dnsmasq.log",
+                   log=log)
 
 
 # --- the trace, its expected answers and the phase plan ------------------------------------
@@ -933,33 +837,12 @@ def table(results: dict[str, Any], phases: list[Phase], budgets: Budgets) -> str
 
 
 def machine() -> dict[str, Any]:
-    model = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-
-    def version(argv: list[str]) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            text = (out.stdout + out.stderr).strip().splitlines()
-            return next((line for line in text if re.search(r"\d+\.\d+", line)), "")
-        return ""
-
-    return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": os.uname().release,
+    version = harness.tool_version
+    return {"nproc": os.cpu_count(), "cpu_model": harness.cpu_model(),
+            "kernel": os.uname().release,
             "python": sys.version.split()[0], "unbound": version(["unbound", "-V"]),
             "knotd": version(["knotd", "--version"]), "dnsmasq": version(["dnsmasq", "--version"]),
             "nft": version(["nft", "--version"])}
-
-
-def git_state() -> str:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "resolver"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return f"{head}{' + uncommitted changes in resolver/' if dirty else ''}"
-    return "unknown"
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -999,8 +882,8 @@ def bench(args: argparse.Namespace, python: str) -> int:
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python3", "bench/incident.py", *sys.argv[1:]]),
-        "network_namespace": namespace, "machine": machine(), "git": git_state(),
-        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+        "network_namespace": namespace, "machine": machine(), "git": harness.git_state(REPO),
+        "loadavg_start": harness.loadavg(),
         "budgets": asdict(budgets), "n_domains": args.domains,
         "phases": [asdict(p) for p in phases], "calibration": calibration,
         "client_timeout_s": CLIENT_TIMEOUT_SECONDS, "kernel_limit_burst": LIMIT_BURST_PACKETS,
@@ -1009,10 +892,7 @@ def bench(args: argparse.Namespace, python: str) -> int:
     results: dict[str, Any] = {}
     run_class = make_run_class()
 
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    harness.sigterm_as_interrupt()
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="incident-")))
         nft = Nft(budgets.kernel_limit_pps)
@@ -1020,7 +900,7 @@ def bench(args: argparse.Namespace, python: str) -> int:
         knot = start_knot(tmp, args.domains)
         stack.callback(knot.stop)
         for server in args.servers.split(","):
-            port = free_port()
+            port = harness.free_port(LISTEN)
             if server == "resolver":
                 process = start_resolver(tmp, port, python, budgets)
             elif server == "unbound":
@@ -1046,7 +926,7 @@ def bench(args: argparse.Namespace, python: str) -> int:
                 f"{results[server]['upstream_packets_per_1000_queries']} upstream packets "
                 "per 1000 queries")
         (args.out / "knotd.log").write_bytes(knot.log_path.read_bytes())
-    meta["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    meta["loadavg_end"] = harness.loadavg()
     report = {"meta": meta, "results": results, "targets": targets(results, budgets)}
     (args.out / "incident.json").write_text(json.dumps(report, indent=2) + "\n")
     text = table(results, phases, budgets)
@@ -1079,14 +959,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+    python = harness.venv_python(VENV_PYTHON)
     if os.geteuid() == 0 and NETNS_ENV not in os.environ:
         if subprocess.run(["nft", "--version"], capture_output=True).returncode != 0:
             raise SystemExit("nft is not available: this benchmark needs nftables")
-        return run_in_namespace(argv, python)
-    if sys.prefix == sys.base_prefix and VENV_PYTHON.exists():
-        os.execv(python, [python, str(Path(__file__).resolve()), *argv])
-    sys.path.insert(0, str(REPO))
+        return harness.run_in_namespace(
+            Path(__file__), argv, python, namespace=f"incident-{os.getpid()}", env_var=NETNS_ENV,
+            log=log, forward_signals=(signal.SIGTERM,))
+    harness.reexec_in_venv(Path(__file__), argv, VENV_PYTHON)
     try:
         return bench(args, python)
     except KeyboardInterrupt:
