@@ -23,6 +23,7 @@ What is counted where:
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import math
 import threading
@@ -69,6 +70,7 @@ QUERY_TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "
                28: "AAAA", 33: "SRV", 35: "NAPTR", 43: "DS", 48: "DNSKEY", 52: "TLSA",
                64: "SVCB", 65: "HTTPS", 99: "SPF", 255: "ANY", 257: "CAA"}
 INVALID_TYPE = -1  # a runt or a question that does not parse
+OTHER_TYPE = -2  # any type not in QUERY_TYPES
 RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN",
           "YXRRSET", "NXRRSET", "NOTAUTH", "NOTZONE", "DSOTYPENI", "RCODE12", "RCODE13",
           "RCODE14", "RCODE15")
@@ -186,7 +188,8 @@ class Counts:
 
 
 def question_type(data: bytes, offset: int = 12) -> int:
-    """QTYPE of the (uncompressed) question at offset, or INVALID_TYPE."""
+    """QTYPE of the (uncompressed) question at offset if in QUERY_TYPES, else OTHER_TYPE or
+    INVALID_TYPE: counters keyed by it stay small whatever clients send."""
     try:
         i = offset
         n = data[i]
@@ -197,15 +200,21 @@ def question_type(data: bytes, offset: int = 12) -> int:
             n = data[i]
         if i + 3 > len(data):
             return INVALID_TYPE
-        return data[i + 1] << 8 | data[i + 2]
+        qtype = data[i + 1] << 8 | data[i + 2]
+        return qtype if qtype in QUERY_TYPES else OTHER_TYPE
     except IndexError:
         return INVALID_TYPE
 
 
 def add_hits(hits: dict[tuple[int, int], int], reply: bytes, count: int) -> None:
-    """Attribute `count` cache hits to the query type and rcode of `reply` (a sample)."""
-    key = (question_type(reply), reply[3] & 0x0F)
-    hits[key] = hits.get(key, 0) + count
+    """Attribute `count` cache hits to the query type and rcode of `reply`, one of our own
+    replies. A sample, so the name's end is found with one C-level search for its root label
+    (a label holding a zero byte would misread the type; no client of a mail host sends one)."""
+    end = reply.find(0, 12)
+    if 12 <= end <= len(reply) - 3:
+        qtype = reply[end + 1] << 8 | reply[end + 2]
+        key = (qtype if qtype in QUERY_TYPES else OTHER_TYPE, reply[3] & 0x0F)
+        hits[key] = hits.get(key, 0) + count
 
 
 # -- hooks on the slow path -------------------------------------------------------------------
@@ -289,7 +298,8 @@ class Collector:
         _collect_traffic(service, families)
         _collect_cache(service, families)
         _collect_upstreams(service, families)
-        yield from families.values()
+        # A family with no samples (no ENA reader configured) is left out, help and all.
+        yield from (family for family in families.values() if family.samples)
 
 
 def _family(name: str) -> Metric:
@@ -406,8 +416,10 @@ class Exporter:
             self.server, self.thread = start(endpoint.port, addr=endpoint.host,
                                              registry=self.registry)
         except OSError as e:
+            hint = (f" (`ss -ltnp 'sport = :{endpoint.port}'` shows who has it); pick another "
+                    "--metrics" if e.errno == errno.EADDRINUSE else "")
             raise ConfigError(f"cannot serve metrics on {endpoint}: "
-                              f"{e.strerror or e}") from None
+                              f"{e.strerror or e}{hint}") from None
         self.endpoint = Endpoint(endpoint.host, self.server.server_address[1])
 
     def attach(self, service: Service) -> None:

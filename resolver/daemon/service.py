@@ -18,6 +18,7 @@ from resolver.core.cache import Cache, TtlPolicy
 from resolver.core.engine import Engine
 from resolver.core.model import Endpoint, Reply
 from resolver.core.pool import Pool, Role, Timing, UpstreamSpec
+from resolver.daemon import metrics
 from resolver.daemon.fetcher import EnaReader, Fetcher
 from resolver.daemon.server import (
     Acl,
@@ -73,6 +74,8 @@ class Service:
     tcp: list[TcpServer] = field(default_factory=list)
     bound: list[Endpoint] = field(default_factory=list)
     ena: EnaReader | None = None
+    counts: metrics.Counts = field(default_factory=metrics.Counts)
+    exporter: metrics.Exporter | None = None
 
     # -- Dispatcher protocol, used by the listeners -------------------------------------
     def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -80,8 +83,18 @@ class Service:
 
     def on_query(self, data: bytes, client: tuple[Any, Any], now: float,
                  tcp: bool = False) -> None:
-        for action in self.engine.on_query(data, client, now, tcp):
+        # The slow path: counted per query for metrics (the hit path is counted per batch by
+        # the listener). The client gains its start time, for the latency histogram.
+        engine = self.engine
+        counts = self.counts
+        counts.query("tcp" if tcp else "udp", data)
+        hits, stale = engine.hits, engine.stale_answers
+        started = time.perf_counter()
+        for action in engine.on_query(data, (client[0], client[1], started), now, tcp):
             if isinstance(action, Reply):
+                source = ("cache" if engine.hits != hits else
+                          "stale" if engine.stale_answers != stale else "synthesized")
+                counts.response(source, action.data, started)
                 deliver(action)
             else:
                 self.fetcher.start(action)
@@ -94,8 +107,8 @@ class Service:
 
 
 def deliver(reply: Reply) -> None:
-    transport, addr = reply.client
-    transport.deliver(reply.data, addr)
+    client = reply.client  # (transport, address, start time)
+    client[0].deliver(reply.data, client[1])
 
 
 def _bind_all(config: Config) -> list[tuple[Endpoint, socket.socket]]:
@@ -135,16 +148,32 @@ async def run(config: Config, *, handle_signals: bool = True,
             except OSError as e:
                 raise ConfigError(explain_bind_error(f"{endpoint} (tcp)", e, endpoint.port,
                                                      tcp=True)) from None
+        # Operators may scrape from another host: any address is accepted (docs/metrics.md).
+        exporter = metrics.Exporter(config.metrics) if config.metrics is not None else None
     except BaseException:
         for _, sock in udp_socks:
             sock.close()
         for listener in tcp_listeners:
             await listener.aclose()
         raise
+    try:
+        await _serve(config, engine, acl, udp_socks, tcp_listeners, exporter, handle_signals,
+                     clock, task_status)
+    finally:
+        if exporter is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(exporter.close)
+
+
+async def _serve(config: Config, engine: Engine, acl: Acl,
+                 udp_socks: list[tuple[Endpoint, socket.socket]],
+                 tcp_listeners: list[trio.SocketListener], exporter: metrics.Exporter | None,
+                 handle_signals: bool, clock: Callable[[], float], task_status: Any) -> None:
     async with trio.open_nursery() as nursery:
         fetcher = Fetcher(engine, nursery, deliver, config.stale_answer_timeout_seconds, clock)
         engine.on_prefetch = fetcher.start
         service = Service(config, engine, nursery, fetcher)
+        metrics.instrument(service)
         for endpoint, sock in udp_socks:
             listener = UdpListener(sock, engine, service, acl, clock)
             service.udp.append(listener)
@@ -162,6 +191,10 @@ async def run(config: Config, *, handle_signals: bool = True,
             service.ena = EnaReader(engine.pool, config.ena_counters_command,
                                     config.ena_counters_file, clock)
             nursery.start_soon(service.ena.run, fetcher)
+        if exporter is not None:
+            service.exporter = exporter
+            exporter.attach(service)
+            log.info("metrics: serving Prometheus on http://%s/metrics", exporter.endpoint)
         if handle_signals:
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
         _log_inactive(config)
@@ -187,7 +220,7 @@ def _log_budgets(engine: Engine) -> None:
 
 
 def _log_inactive(config: Config) -> None:
-    for flag, value in (("--metrics", config.metrics), ("--control", config.control)):
+    for flag, value in (("--control", config.control),):
         if value is not None:
             log.warning("%s %s accepted but not active yet: it arrives with a later release",
                         flag, value)
