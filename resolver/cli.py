@@ -5,11 +5,13 @@ This interface is stable: tests, benchmarks and operators depend on it (DESIGN.m
 
 from __future__ import annotations
 
-import logging
+import json
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -29,12 +31,10 @@ def _ipv6_loopback() -> bool:
         return False
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    from resolver.daemon import logs
+
+    logs.setup(level, log_format, sys.stderr)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,30 +55,41 @@ def main() -> None:
 @click.option("--upstream-pps", type=int, metavar="N", help="Packets/s budget per upstream.")
 @click.option("--metrics", metavar="HOST:PORT", help="Prometheus endpoint.")
 @click.option("--control", metavar="PATH", help="Control socket path.")
+@click.option("--log-format", type=click.Choice(["text", "json"]),
+              help="Log lines as text (default) or one JSON object per line.")
 def serve(config_path: str | None, listen: tuple[str, ...], upstream: tuple[str, ...],
           fallback: tuple[str, ...], upstream_pps: int | None, metrics: str | None,
-          control: str | None) -> None:
-    """Run the resolver in the foreground."""
+          control: str | None, log_format: str | None) -> None:
+    """Run the resolver in the foreground (SIGHUP reloads the config, SIGTERM stops)."""
+    import functools
+    import os
+
     import trio
 
     from resolver.daemon import service
 
-    try:
+    def read_config() -> config_mod.Config:
+        # Called again on reload: the same file, then the same flags, as at start.
         cfg = config_mod.load(config_path) if config_path else config_mod.Config()
         cfg = config_mod.with_overrides(cfg, {
             "listen": list(listen), "upstream": list(upstream), "fallback": list(fallback),
             "upstream_pps": upstream_pps, "metrics": metrics, "control": control,
+            "log_format": log_format,
         })
         try:
             resolv_conf = config_mod.RESOLV_CONF.read_text()
         except OSError:
             resolv_conf = None
-        cfg = config_mod.finalize(cfg, resolv_conf, _ipv6_loopback())
+        return config_mod.finalize(cfg, resolv_conf, _ipv6_loopback(),
+                                   os.environ.get("STATE_DIRECTORY"))
+
+    try:
+        cfg = read_config()
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    _setup_logging(cfg.log_level)
+    _setup_logging(cfg.log_level, cfg.log_format)
     try:
-        trio.run(service.run, cfg)
+        trio.run(functools.partial(service.run, cfg, reload_config=read_config))
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
@@ -119,6 +130,148 @@ def query(name: str, rdtype: str, server: str, tcp: bool, timeout: float) -> Non
     click.echo(f";; Query time: {elapsed_ms:.1f} msec")
     click.echo(f";; SERVER: {endpoint} ({'TCP' if tcp else 'UDP'})")
     click.echo(f";; MSG SIZE  rcvd: {len(response.to_wire())}")
+
+
+# -- the control channel (resolver/daemon/control.py); docs/operations.md ---------------------
+def _control_options(fn: Any) -> Any:
+    return click.option("--control", "control_path", metavar="PATH",
+                        help="Control socket. Default: /run/resolver/control.sock when "
+                             "/run/resolver exists.")(fn)
+
+
+def _json_option(fn: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")(fn)
+
+
+def _ask(control_path: str | None, request: dict[str, Any]) -> dict[str, Any]:
+    """One request over the control socket; a missing daemon or an error is one line, exit 1."""
+    from resolver.daemon import control
+
+    try:
+        path = control.path_or_default(control_path)
+        reply = control.call(path, request)
+    except control.NotRunning as e:
+        raise click.ClickException(
+            f"no resolver is running with control socket {e.args[0]} (or --control is "
+            "wrong)") from None
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"control socket: {e}") from None
+    if "error" in reply:
+        raise click.ClickException(reply["error"])
+    return reply
+
+
+def _show(reply: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], str]) -> None:
+    click.echo(json.dumps(reply, indent=2) if as_json else render(reply))
+
+
+@main.command()
+@_control_options
+@_json_option
+def stats(control_path: str | None, as_json: bool) -> None:
+    """QPS, hit ratio, latency, upstream packets/s against budget, mode."""
+    from resolver import control_text
+
+    _show(_ask(control_path, {"command": "stats"}), as_json, control_text.stats)
+
+
+@main.command()
+@_control_options
+@_json_option
+def upstreams(control_path: str | None, as_json: bool) -> None:
+    """Per upstream: role, state, budget and learned rate, sending, loss, RTT, transitions."""
+    from resolver import control_text
+
+    _show(_ask(control_path, {"command": "upstreams"}), as_json, control_text.upstreams)
+
+
+@main.group()
+def cache() -> None:
+    """Look into, flush or dump the running resolver's cache."""
+
+
+@cache.command()
+@click.argument("name")
+@click.argument("rdtype", required=False, metavar="[TYPE]")
+@_control_options
+@_json_option
+def lookup(name: str, rdtype: str | None, control_path: str | None, as_json: bool) -> None:
+    """Cached entries for NAME (of TYPE, or of every type)."""
+    from resolver import control_text
+
+    request: dict[str, Any] = {"command": "cache lookup", "name": name}
+    if rdtype is not None:
+        request["type"] = rdtype
+    _show(_ask(control_path, request), as_json, control_text.lookup)
+
+
+@cache.command()
+@click.option("--name", metavar="NAME", help="Only this name (every type unless --type).")
+@click.option("--type", "rdtype", metavar="TYPE", help="Only this type of --name.")
+@click.option("--negative", is_flag=True, help="Only NXDOMAIN and NODATA entries.")
+@_control_options
+@_json_option
+def flush(name: str | None, rdtype: str | None, negative: bool, control_path: str | None,
+          as_json: bool) -> None:
+    """Remove entries: all, a name, a name and type, and/or negative ones only."""
+    from resolver import control_text
+
+    if rdtype is not None and name is None:
+        raise click.UsageError("--type needs --name")
+    request: dict[str, Any] = {"command": "cache flush", "negative": negative}
+    if name is not None:
+        request["name"] = name
+    if rdtype is not None:
+        request["type"] = rdtype
+    _show(_ask(control_path, request), as_json, control_text.flush)
+
+
+@cache.command()
+@_control_options
+@_json_option
+def dump(control_path: str | None, as_json: bool) -> None:
+    """Every cached entry, streamed (JSON: one object per line, then {"end": true})."""
+    from resolver import control_text
+    from resolver.daemon import control
+
+    try:
+        path = control.path_or_default(control_path)
+        for item in control.stream(path, {"command": "cache dump"}):
+            if "error" in item:
+                raise click.ClickException(item["error"])
+            if as_json:
+                click.echo(json.dumps(item))
+            elif "end" in item:
+                click.echo(f";; {item['count']} entries")
+            else:
+                click.echo(control_text.entry(item))
+    except control.NotRunning as e:
+        raise click.ClickException(
+            f"no resolver is running with control socket {e.args[0]} (or --control is "
+            "wrong)") from None
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"control socket: {e}") from None
+
+
+@main.command()
+@click.argument("target", type=click.Choice(["primary", "fallback", "auto"]))
+@_control_options
+@_json_option
+def repoint(target: str, control_path: str | None, as_json: bool) -> None:
+    """Pin routing to the primaries or the fallbacks, or give it back to the pool (auto)."""
+    from resolver import control_text
+
+    _show(_ask(control_path, {"command": "repoint", "target": target}), as_json,
+          control_text.repoint)
+
+
+@main.command()
+@_control_options
+@_json_option
+def reload(control_path: str | None, as_json: bool) -> None:
+    """Re-read the configuration (as SIGHUP does); a bad one is refused, the old one serves."""
+    reply = _ask(control_path, {"command": "reload"})
+    _show(reply, as_json, lambda r: r.get("detail", "reloaded"))
 
 
 @main.group()
@@ -203,3 +356,103 @@ def capacity(target: str, start_pps: float, step_pps: float, max_pps: float, ste
                f"{report['budget_packets']} budgeted queries ({report['stop_reason']})")
     click.echo("wrote " + ", ".join(str(path) for path in written))
 
+
+
+@bench.command()
+@click.option("--target", required=True, metavar="HOST:PORT",
+              help="The resolver to measure (loopback unless --i-own-this-target).")
+@click.option("--rate", "rate_qps", type=float, metavar="QPS",
+              help="Open-loop rate (built-in generator). Default: dnsperf at full speed when "
+                   "installed, else the built-in generator at 1000 q/s.")
+@click.option("--duration", "duration_s", default=10.0, show_default=True, metavar="S",
+              help="Seconds of timed sending.")
+@click.option("--mix", default="mail", show_default=True,
+              type=click.Choice(["mail", "hits", "misses"]),
+              help="mail workload, cache hits only (after a warm-up), or fresh names only.")
+@click.option("--domains", "n_domains", default=200, show_default=True,
+              help="Domains of the mail mix; match the zone behind the resolver.")
+@click.option("--metrics-url", metavar="URL",
+              help="The resolver's Prometheus endpoint (http://127.0.0.1:9153/metrics): "
+                   "measured hit ratio and upstream packets.")
+@click.option("--upstream-counter-command", metavar="CMD",
+              help="A command printing a count of upstream packets, read before and after.")
+@click.option("--out", "out_dir", default="sidecar-out", show_default=True, metavar="DIR",
+              type=click.Path(file_okay=False), help="Where sidecar.json goes.")
+@click.option("--seed", default=1, show_default=True, help="Seed of the mail workload.")
+@click.option("--i-own-this-target", is_flag=True,
+              help="Allow a non-loopback target: you own it and may overload it.")
+def sidecar(target: str, rate_qps: float | None, duration_s: float, mix: str, n_domains: int,
+            metrics_url: str | None, upstream_counter_command: str | None, out_dir: str,
+            seed: int, i_own_this_target: bool) -> None:
+    """The resolver's own throughput and latency on hits, misses or the mail workload."""
+    import urllib.error
+    from pathlib import Path
+
+    from resolver.bench import capacity as cap
+    from resolver.bench import sidecar as side
+
+    try:
+        address = cap.parse_target(target, i_own_this_target)
+        config = side.SidecarConfig(mix, rate_qps, duration_s, n_domains, seed)
+        dnsperf_path = side.find_dnsperf()
+        engine = config.engine(dnsperf_path)
+        click.echo(f"sidecar {target}: {engine}, mix {mix}, {duration_s:g} s"
+                   + (f" at {rate_qps or side.DEFAULT_RATE_QPS:g} q/s" if engine == "loadgen"
+                      else " closed loop"), err=True)
+        report = side.run(config, address, allow_non_loopback=i_own_this_target,
+                          metrics_url=metrics_url, counter_command=upstream_counter_command,
+                          dnsperf_path=dnsperf_path)
+    except (ValueError, OSError, RuntimeError, subprocess.SubprocessError,
+            urllib.error.URLError) as e:
+        raise click.ClickException(str(e)) from None
+    report["target"] = target
+    for line in side.format_report(report):
+        click.echo(line)
+    click.echo(f"wrote {side.write_json(Path(out_dir), report)}")
+
+
+@bench.command()
+@click.option("--messages-per-second", required=True, type=float, metavar="M",
+              help="Mail messages per second (sent + received) of the whole fleet.")
+@click.option("--zipf", "zipf_exponent", default=1.1, show_default=True, metavar="S",
+              help="Domain popularity exponent: rank r has weight 1/(r+1)^S.")
+@click.option("--domains", "n_domains", default=20000, show_default=True, metavar="N",
+              help="Distinct mail domains.")
+@click.option("--ttl-seconds", type=float, metavar="T",
+              help="One TTL for every lookup. Default: the mail mix's TTLs (300 s addresses "
+                   "and NXDOMAIN, 3600 s the rest).")
+@click.option("--hit-ratio", type=float, metavar="H",
+              help="Measured hit ratio (bench sidecar --metrics-url); default: the Zipf model's.")
+@click.option("--queries-per-message", type=float, metavar="Q",
+              help="Q per-domain lookups per message instead of the mail mix.")
+@click.option("--allowance-pps", default=1024.0, show_default=True, metavar="PPS",
+              help="Upstream packets/s one network interface may send (AWS link-local: 1024).")
+@click.option("--margin", default=0.25, show_default=True,
+              help="Share of the allowance kept free.")
+@click.option("--overhead", default=1.05, show_default=True,
+              help="Upstream packets per upstream query (retries, TCP fallback).")
+@click.option("--horizon-seconds", type=float, metavar="S",
+              help="Mean over the first S seconds from a cold cache instead of steady state.")
+@click.option("--json", "as_json", is_flag=True, help="Print the prediction as JSON.")
+def plan(messages_per_second: float, zipf_exponent: float, n_domains: int,
+         ttl_seconds: float | None, hit_ratio: float | None, queries_per_message: float | None,
+         allowance_pps: float, margin: float, overhead: float, horizon_seconds: float | None,
+         as_json: bool) -> None:
+    """Predict upstream packets/s and the hosts or interfaces a mail volume needs."""
+    import dataclasses
+    import json
+
+    from resolver.bench import plan as fleet
+
+    try:
+        model = fleet.build_workload(n_domains, zipf_exponent, queries_per_message, ttl_seconds)
+        inputs = fleet.PlanInput(messages_per_second, model, hit_ratio, overhead, allowance_pps,
+                                 margin, horizon_seconds)
+        prediction = fleet.predict(inputs)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(prediction), indent=2))
+        return
+    for line in fleet.format_prediction(inputs, prediction):
+        click.echo(line)

@@ -132,6 +132,16 @@ class Config:
     log_level: str = "info"
     """debug, info, warning or error."""
 
+    log_format: str = "text"
+    """`text` (one readable line per event) or `json` (one JSON object per line)."""
+
+    state_directory: str | None = None
+    """Where the cache snapshot is kept for warm restarts. Unset: $STATE_DIRECTORY (systemd's
+    StateDirectory=) when set, else no snapshots."""
+
+    snapshot_interval_seconds: float = 300.0
+    """How often the cache is written to the state directory (also on shutdown)."""
+
     source: str = field(default="defaults", compare=False)
     """Where this configuration came from (for messages only; not a TOML key)."""
 
@@ -165,8 +175,10 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "stale_max_seconds": (0, 7 * 86400),
     "stale_answer_timeout_seconds": (0.05, 30),
     "stale_ttl_seconds": (1, 3600),
+    "snapshot_interval_seconds": (10, 86400),
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("text", "json")
 
 
 def parse_endpoint(text: str, default_port: int = DNS_PORT, key: str = "address") -> Endpoint:
@@ -263,7 +275,7 @@ def parse(mapping: Mapping[str, Any], source: str = "config") -> Config:
             values[key] = _endpoints(key, value)
         elif key == "metrics":
             values[key] = None if value in (None, "") else parse_endpoint(value, 9153, key)
-        elif key in ("control", "ena_counters_command", "ena_counters_file"):
+        elif key in ("control", "ena_counters_command", "ena_counters_file", "state_directory"):
             if not isinstance(value, str):
                 raise ConfigError(f"{key}: must be a string")
             values[key] = value or None
@@ -272,6 +284,10 @@ def parse(mapping: Mapping[str, Any], source: str = "config") -> Config:
         elif key == "log_level":
             if value not in _LOG_LEVELS:
                 raise ConfigError(f"log_level: must be one of {', '.join(_LOG_LEVELS)}")
+            values[key] = value
+        elif key == "log_format":
+            if value not in _LOG_FORMATS:
+                raise ConfigError(f"log_format: must be one of {', '.join(_LOG_FORMATS)}")
             values[key] = value
         else:
             kind = int if "int" in str(known[key].type) else float
@@ -381,9 +397,16 @@ def default_listen(ipv6_loopback: bool) -> tuple[Endpoint, ...]:
     return base + ((Endpoint("::1", DNS_PORT),) if ipv6_loopback else ())
 
 
-def finalize(config: Config, resolv_conf_text: str | None, ipv6_loopback: bool) -> Config:
-    """Fill the defaults that depend on the host, and refuse a forwarding loop."""
+def finalize(config: Config, resolv_conf_text: str | None, ipv6_loopback: bool,
+             state_directory_env: str | None = None) -> Config:
+    """Fill the defaults that depend on the host, and refuse a forwarding loop.
+
+    `state_directory_env` is $STATE_DIRECTORY: systemd sets it from StateDirectory= (a
+    colon-separated list when there are several; the first is ours)."""
     listen = config.listen or default_listen(ipv6_loopback)
+    state_directory = config.state_directory
+    if state_directory is None and state_directory_env:
+        state_directory = state_directory_env.split(":")[0] or None
     upstream = config.upstream
     if not upstream and not config.fallback:
         upstream = resolv_conf_nameservers(resolv_conf_text or "")
@@ -396,7 +419,8 @@ def finalize(config: Config, resolv_conf_text: str | None, ipv6_loopback: bool) 
                 f"upstream: {server} is this resolver's own listen address (a forwarding loop); "
                 "pass --upstream with your recursive servers (if /etc/resolv.conf points here, "
                 "it cannot also be the upstream)")
-    return dataclasses.replace(config, listen=listen, upstream=upstream)
+    return dataclasses.replace(config, listen=listen, upstream=upstream,
+                               state_directory=state_directory)
 
 
 def _same_socket(server: Endpoint, own: Endpoint) -> bool:

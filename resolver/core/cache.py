@@ -229,6 +229,14 @@ class Cache:
             self.bytes -= victim.size
             self.evictions += 1
 
+    def remove(self, key: bytes) -> Entry | None:
+        """Drop one entry and any remembered failure for it (the operator's flush)."""
+        self._failures.pop(key, None)
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry.size
+        return entry
+
     def note_failure(self, key: bytes, now: float) -> None:
         """RFC 9520 3.2: remember a resolution failure briefly so retries do not go upstream."""
         if len(self._failures) >= self.max_entries:
