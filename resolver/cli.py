@@ -456,3 +456,8 @@ def plan(messages_per_second: float, zipf_exponent: float, n_domains: int,
         return
     for line in fleet.format_prediction(inputs, prediction):
         click.echo(line)
+
+
+from resolver.doctor import command as _doctor  # noqa: E402  (its own module: resolver/doctor.py)
+
+main.add_command(_doctor, "doctor")

@@ -164,6 +164,7 @@ class Commands:
             "failures": engine.failures,
             "mode": pool.mode.value,
             "override": pool.override.value,
+            "listen": [str(endpoint) for endpoint in service.bound],  # for `resolver doctor`
         }
 
     # -- upstreams ----------------------------------------------------------------------------
