@@ -91,6 +91,29 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (`resolver serve --workers N`: the supervisor and its workers)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*"):
+            try:
+                pids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+        i += 1
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> tuple[float, float]:
+    """cpu_seconds summed over pid and its descendants."""
+    times = [cpu_seconds(p) for p in process_tree(pid)]
+    return sum(u for u, _ in times), sum(s for _, s in times)
+
+
+def tree_rss_bytes(pid: int) -> int:
+    return sum(rss_bytes(p) for p in process_tree(pid))
+
+
 # --- packets to knotd, counted inside our namespace -----------------------------------------
 
 
@@ -242,7 +265,8 @@ forward-zone:
     return Server("unbound", process, port)
 
 
-def start_resolver(tmp: Path, authority_port: int, python: str, cache_entries: int) -> Server:
+def start_resolver(tmp: Path, authority_port: int, python: str, cache_entries: int,
+                   workers: int = 1) -> Server:
     port = free_port()
     conf = tmp / "resolver.toml"
     # Room for every key the run creates (hit set, 100k fill, misses), so no eviction skews
@@ -256,10 +280,13 @@ def start_resolver(tmp: Path, authority_port: int, python: str, cache_entries: i
     process = Process(
         "resolver",
         [
-            "taskset", "-c", SERVER_CORE, python, "-m", "resolver", "serve",
+            # Several workers need several cores: not pinned then (dnsperf shares them).
+            *(["taskset", "-c", SERVER_CORE] if workers == 1 else []),
+            python, "-m", "resolver", "serve",
             "--config", str(conf),
             "--listen", f"{LOOPBACK}:{port}",
             "--upstream", f"{LOOPBACK}:{authority_port}",
+            *(["--workers", str(workers)] if workers > 1 else []),
         ],
         tmp / "resolver.log", log=log,
     )
@@ -301,14 +328,14 @@ def measure(
     if not server.process.alive():
         raise RuntimeError(f"{server.name} died:\n{server.process.log_tail()}")
     packets_before = counter.packets() if counter else None
-    rss_before = rss_bytes(server.process.pid)
-    user_before, system_before = cpu_seconds(server.process.pid)
+    rss_before = tree_rss_bytes(server.process.pid)
+    user_before, system_before = tree_cpu_seconds(server.process.pid)
     result = dnsperf(server.port, query_file, seconds, once)
-    user_after, system_after = cpu_seconds(server.process.pid)
+    user_after, system_after = tree_cpu_seconds(server.process.pid)
     user, system = user_after - user_before, system_after - system_before
     cpu = user + system
     per_query = 1e6 / result.completed if result.completed else float("nan")
-    rss_after = rss_bytes(server.process.pid)
+    rss_after = tree_rss_bytes(server.process.pid)
     packets = counter.packets() - packets_before if counter and packets_before is not None else None
     run = Run(
         server=server.name, kind=kind, round=round_, dnsperf=result, cpu_seconds=cpu,
@@ -525,6 +552,7 @@ def bench(args: argparse.Namespace, python: str) -> int:
         "git": harness.git_state(REPO),
         # Other work on the machine shows here; the recorded figures need a quiet one.
         "loadavg_start": harness.loadavg(),
+        "resolver_workers": args.workers,
     })
 
     harness.sigterm_as_interrupt()  # run the finally blocks below: stop children, drop tmp
@@ -566,7 +594,8 @@ def bench(args: argparse.Namespace, python: str) -> int:
                 server = start_unbound(tmp, authority_port)
             elif name == "resolver":
                 cache_entries = 4 * (args.names + args.fill_entries) + 2_000_000
-                server = start_resolver(tmp, authority_port, python, cache_entries)
+                server = start_resolver(tmp, authority_port, python, cache_entries,
+                                        args.workers)
             else:
                 raise SystemExit(f"unknown server {name!r}")
             stack.callback(server.process.stop)
@@ -648,6 +677,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="comma-separated subset of resolver,unbound")
     parser.add_argument("--host-loopback", action="store_true",
                         help="no network namespace even as root (where netns is unavailable)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="resolver serve --workers N (N > 1: the resolver is not pinned to "
+                             "a core, so dnsperf and knotd share the cores with it)")
     parser.add_argument("--py-spy", action="store_true",
                         help="after the timed runs, sample the resolver with py-spy")
     return parser.parse_args(argv)

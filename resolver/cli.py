@@ -57,9 +57,13 @@ def main() -> None:
 @click.option("--control", metavar="PATH", help="Control socket path.")
 @click.option("--log-format", type=click.Choice(["text", "json"]),
               help="Log lines as text (default) or one JSON object per line.")
+@click.option("--workers", type=int, metavar="N",
+              help="Serving processes sharing the listen addresses (1-64; default 1).")
+@click.option("--worker-index", type=int, hidden=True)
 def serve(config_path: str | None, listen: tuple[str, ...], upstream: tuple[str, ...],
           fallback: tuple[str, ...], upstream_pps: int | None, metrics: str | None,
-          control: str | None, log_format: str | None) -> None:
+          control: str | None, log_format: str | None, workers: int | None,
+          worker_index: int | None) -> None:
     """Run the resolver in the foreground (SIGHUP reloads the config, SIGTERM stops)."""
     import functools
     import os
@@ -74,7 +78,7 @@ def serve(config_path: str | None, listen: tuple[str, ...], upstream: tuple[str,
         cfg = config_mod.with_overrides(cfg, {
             "listen": list(listen), "upstream": list(upstream), "fallback": list(fallback),
             "upstream_pps": upstream_pps, "metrics": metrics, "control": control,
-            "log_format": log_format,
+            "log_format": log_format, "workers": workers,
         })
         try:
             resolv_conf = config_mod.RESOLV_CONF.read_text()
@@ -88,8 +92,25 @@ def serve(config_path: str | None, listen: tuple[str, ...], upstream: tuple[str,
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     _setup_logging(cfg.log_level, cfg.log_format)
+    if cfg.workers > 1 or worker_index is not None:  # docs/operations.md, Workers
+        from resolver.daemon import control as control_mod
+        from resolver.daemon import workers as workers_mod
+
+        if worker_index is None:
+            params = click.get_current_context().params
+            sys.exit(workers_mod.Supervisor(cfg.workers, functools.partial(
+                workers_mod.child_argv, params)).run())
+        default_control = control_mod.default_path()
+
+        def read_config_for_worker() -> config_mod.Config:
+            return config_mod.for_worker(read_config(), worker_index, default_control)
+
+        run = functools.partial(workers_mod.run_worker, read_config_for_worker(),
+                                read_config_for_worker, os.getppid())
+    else:
+        run = functools.partial(service.run, cfg, reload_config=read_config)
     try:
-        trio.run(functools.partial(service.run, cfg, reload_config=read_config))
+        trio.run(run)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from resolver.core.budget import default_burst
 from resolver.core.model import Endpoint
 from resolver.errors import ConfigError
 
@@ -142,11 +143,18 @@ class Config:
     snapshot_interval_seconds: float = 300.0
     """How often the cache is written to the state directory (also on shutdown)."""
 
+    workers: int = 1
+    """Serving processes sharing the listen addresses (SO_REUSEPORT), 1 to 64. Each has its own
+    cache, and a 1/workers share of every upstream budget (docs/operations.md, Workers)."""
+
+    worker_index: int = 0
+    """Which worker this process is, 0 to workers - 1 (set by the supervisor; not a TOML key)."""
+
     source: str = field(default="defaults", compare=False)
     """Where this configuration came from (for messages only; not a TOML key)."""
 
 
-_NOT_KEYS = {"source", "upstream_limits"}
+_NOT_KEYS = {"source", "upstream_limits", "worker_index"}
 # The AWS VPC resolver (Route 53 Resolver) drops, silently, what exceeds 1024 packets/s per
 # network interface. Unless told otherwise we stay well under that, burst included.
 AWS_RESOLVER_ADDRESSES = ("169.254.169.253", "fd00:ec2::253")
@@ -176,6 +184,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "stale_answer_timeout_seconds": (0.05, 30),
     "stale_ttl_seconds": (1, 3600),
     "snapshot_interval_seconds": (10, 86400),
+    "workers": (1, 64),
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("text", "json")
@@ -323,7 +332,40 @@ def budget_for(config: Config, endpoint: Endpoint) -> tuple[int | None, int | No
         pps = config.upstream_pps
     if pps is None and endpoint.host.lower() in AWS_RESOLVER_ADDRESSES:
         pps = AWS_RESOLVER_PPS
-    return pps, burst if burst is not None else config.upstream_burst
+    burst = burst if burst is not None else config.upstream_burst
+    if pps is None or config.workers == 1:
+        return pps, burst
+    # Several workers: each gets its share of the rate and of the burst (the default burst made
+    # explicit first), so the host's total stays within the configured pps + burst.
+    total_burst = burst if burst is not None else int(default_burst(pps))
+    return (worker_share(pps, config.workers, config.worker_index),
+            worker_share(total_burst, config.workers, config.worker_index))
+
+
+def worker_share(total: int, workers: int, index: int) -> int:
+    """Worker `index`'s part of `total` split between `workers`: total // workers, plus one
+    for the first total % workers workers. The parts add up to exactly `total`; each is at
+    least 1 when total >= workers (finalize refuses budgets smaller than that)."""
+    if not 0 <= index < workers:
+        raise ValueError(f"worker index {index} out of range for {workers} workers")
+    return total // workers + (1 if index < total % workers else 0)
+
+
+def for_worker(config: Config, index: int, default_control: str | None = None) -> Config:
+    """The config of worker `index`: its budget share (via worker_index), metrics port + index,
+    control path + ".index" (worker 0 keeps the path itself). `default_control` is the control
+    path used when none is configured; None there means no control socket for the workers."""
+    if config.workers == 1:
+        return config
+    if not 0 <= index < config.workers:
+        raise ConfigError(f"worker index {index}: must be from 0 to {config.workers - 1}")
+    metrics = config.metrics
+    if metrics is not None and metrics.port != 0:
+        metrics = Endpoint(metrics.host, metrics.port + index)
+    control = config.control or default_control
+    if control is not None and index > 0:
+        control = f"{control}.{index}"
+    return dataclasses.replace(config, worker_index=index, metrics=metrics, control=control)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -419,8 +461,28 @@ def finalize(config: Config, resolv_conf_text: str | None, ipv6_loopback: bool,
                 f"upstream: {server} is this resolver's own listen address (a forwarding loop); "
                 "pass --upstream with your recursive servers (if /etc/resolv.conf points here, "
                 "it cannot also be the upstream)")
+    if config.workers > 1:
+        _check_workers(config, listen, upstream + config.fallback)
     return dataclasses.replace(config, listen=listen, upstream=upstream,
                                state_directory=state_directory)
+
+
+def _check_workers(config: Config, listen: tuple[Endpoint, ...],
+                   upstreams: tuple[Endpoint, ...]) -> None:
+    """Workers share ports and budgets: refuse what cannot be shared."""
+    for own in listen:
+        if own.port == 0:
+            raise ConfigError(f"workers: listen {own} has port 0, which each worker would pick "
+                              "on its own: give a fixed port")
+    for server in upstreams:
+        pps, burst = budget_for(dataclasses.replace(config, workers=1), server)
+        if pps is None:
+            continue
+        total_burst = burst if burst is not None else int(default_burst(pps))
+        if min(pps, total_burst) < config.workers:
+            raise ConfigError(f"workers: {config.workers} workers cannot share the budget of "
+                              f"{server} ({pps} packets/s, burst {total_burst}): each needs at "
+                              "least 1 of both; use fewer workers or a bigger budget")
 
 
 def _same_socket(server: Endpoint, own: Endpoint) -> bool:

@@ -42,7 +42,7 @@ SNAPSHOT_FILE = "cache.snapshot"
 # control endpoints, the ENA reader task.
 RESTART_KEYS = ("listen", "allow", "udp_buffer_bytes", "tcp_idle_timeout_seconds",
                 "tcp_max_connections", "metrics", "control", "ena_counters_command",
-                "ena_counters_file", "log_format")
+                "ena_counters_file", "log_format", "workers")
 # Keys the upstream pool is built from: a change to any means a new pool.
 POOL_KEYS = ("upstream", "fallback", "upstream_pps", "upstream_burst", "upstream_limits",
              "budget_reserve_fraction", "repoint_hold_seconds")
@@ -157,7 +157,11 @@ async def shutdown(service: Service, reason: str) -> None:
 
 # -- warm restart ----------------------------------------------------------------------------
 def snapshot_path(config: Config) -> Path | None:
-    return Path(config.state_directory) / SNAPSHOT_FILE if config.state_directory else None
+    """The snapshot file; worker i > 0 of several keeps its own cache in cache.snapshot.i."""
+    if not config.state_directory:
+        return None
+    name = SNAPSHOT_FILE + (f".{config.worker_index}" if config.worker_index else "")
+    return Path(config.state_directory) / name
 
 
 def load_snapshot(cache: Cache, config: Config, now: float,

@@ -88,10 +88,14 @@ def refusal(data: bytes) -> bytes | None:
     return wire.error_reply(data, wire.RCODE_REFUSED, info)
 
 
-def bind_udp(host: str, port: int, buffer_bytes: int) -> socket.socket:
+def bind_udp(host: str, port: int, buffer_bytes: int, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking UDP socket; `reuse_port` (several workers) lets the kernel spread the
+    datagrams to one address over every worker's socket (SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             # The kernel caps this at net.core.[rw]mem_max; a bigger buffer absorbs bursts.
             sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
@@ -103,6 +107,24 @@ def bind_udp(host: str, port: int, buffer_bytes: int) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
+
+
+async def bind_tcp_shared(host: str, port: int) -> trio.SocketListener:
+    """A TCP listener with SO_REUSEPORT, for several workers on one address (what
+    trio.open_tcp_listeners does otherwise, plus that option)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
 
 
 class UdpListener:

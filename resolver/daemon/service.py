@@ -24,6 +24,7 @@ from resolver.daemon.server import (
     Acl,
     TcpServer,
     UdpListener,
+    bind_tcp_shared,
     bind_udp,
     explain_bind_error,
 )
@@ -126,7 +127,8 @@ def _bind_all(config: Config) -> list[tuple[Endpoint, socket.socket]]:
     try:
         for endpoint in config.listen:
             try:
-                sock = bind_udp(endpoint.host, endpoint.port, config.udp_buffer_bytes)
+                sock = bind_udp(endpoint.host, endpoint.port, config.udp_buffer_bytes,
+                                reuse_port=config.workers > 1)
             except OSError as e:
                 raise ConfigError(explain_bind_error(f"{endpoint} (udp)", e,
                                                      endpoint.port)) from None
@@ -156,7 +158,11 @@ async def run(config: Config, *, handle_signals: bool = True,
     try:
         for endpoint, _ in udp_socks:
             try:
-                tcp_listeners += await trio.open_tcp_listeners(endpoint.port, host=endpoint.host)
+                if config.workers > 1:
+                    tcp_listeners.append(await bind_tcp_shared(endpoint.host, endpoint.port))
+                else:
+                    tcp_listeners += await trio.open_tcp_listeners(endpoint.port,
+                                                                   host=endpoint.host)
             except OSError as e:
                 raise ConfigError(explain_bind_error(f"{endpoint} (tcp)", e, endpoint.port,
                                                      tcp=True)) from None
@@ -182,7 +188,10 @@ async def _serve(config: Config, engine: Engine, acl: Acl,
                  tcp_listeners: list[trio.SocketListener], exporter: metrics.Exporter | None,
                  handle_signals: bool, clock: Callable[[], float],
                  reload_config: Callable[[], Config] | None, task_status: Any) -> None:
-    control_sock = control.bind(config.control)  # before the nursery: failure is one line
+    # Before the nursery: failure is one line. With several workers config.control is already
+    # each worker's own path (config.for_worker), and None means off, not the default path.
+    control_sock = (control.bind(config.control) if config.control or config.workers == 1
+                    else None)
     async with trio.open_nursery() as nursery:
         fetcher = Fetcher(engine, nursery, deliver, config.stale_answer_timeout_seconds, clock)
         engine.on_prefetch = fetcher.start
@@ -220,8 +229,10 @@ async def _serve(config: Config, engine: Engine, acl: Acl,
         if service.notifier.enabled and watchdog_interval is not None:
             nursery.start_soon(sdnotify.watchdog, service.notifier, watchdog_interval)
         _log_budgets(engine)
-        log.info("ready: listening on %s (udp+tcp); upstreams %s; fallbacks %s",
+        log.info("ready: listening on %s (udp+tcp)%s; upstreams %s; fallbacks %s",
                  ", ".join(map(str, service.bound)),
+                 f" as worker {config.worker_index} of {config.workers}"
+                 if config.workers > 1 else "",
                  ", ".join(map(str, config.upstream)) or "none",
                  ", ".join(map(str, config.fallback)) or "none")
         # The cache is long-lived and acyclic: keep the collector off it. Objects that exist
