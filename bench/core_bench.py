@@ -63,6 +63,7 @@ CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_SECONDS = 30.0
 NFT_TABLE = "resolver_bench"
 UPSTREAM_PPS_UNBINDING = 1_000_000  # packets/s: ~50x the miss rate either server reaches here
+MAIL_SEED = 1  # --mix mail: the seed of resolver.bench.workload's stream (same run, same file)
 
 log = harness.make_log("core-bench")
 
@@ -369,6 +370,30 @@ def fresh_names(tag: str, count: int) -> list[tuple[str, str]]:
     return [(f"m{salt}{tag}-{i}.{ORIGIN}", "A") for i in range(count)]
 
 
+def dns_key(name: str, qtype: str) -> tuple[str, str]:
+    """A (name, type) pair compared as the cache does: case-insensitive, trailing dot optional."""
+    return name.rstrip(".").lower(), qtype.upper()
+
+
+def mail_hit_queries(
+    n_domains: int, count: int,
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """--mix mail: (stream, distinct). stream is the first ``count`` lookups of the seeded mail
+    workload over a zone of ``n_domains`` domains, repeats and Zipf skew kept, for the timed hit
+    runs; distinct is its (name, type) set in first-seen order, for the warm-up, so that every
+    question of the stream is a hit afterwards (the NXDOMAIN PTRs of unknown senders too)."""
+    from resolver.bench.workload import MailMix, queries
+
+    stream = queries(MailMix(n_domains=n_domains, origin=ORIGIN), MAIL_SEED, count)
+    seen: set[tuple[str, str]] = set()
+    distinct = []
+    for name, qtype in stream:
+        if dns_key(name, qtype) not in seen:
+            seen.add(dns_key(name, qtype))
+            distinct.append((name, qtype))
+    return stream, distinct
+
+
 def machine() -> dict[str, Any]:
     version = harness.tool_version
     return {
@@ -554,6 +579,8 @@ def bench(args: argparse.Namespace, python: str) -> int:
         "loadavg_start": harness.loadavg(),
         "resolver_workers": args.workers,
     })
+    if args.mix is not None:
+        results.meta["mix"] = args.mix
 
     harness.sigterm_as_interrupt()  # run the finally blocks below: stop children, drop tmp
     with contextlib.ExitStack() as stack:
@@ -563,14 +590,30 @@ def bench(args: argparse.Namespace, python: str) -> int:
         # query_names gives at least 10 names per domain (more for the first 254, with PTRs).
         n_domains = (args.names + args.fill_entries) // 10 + 1
         all_queries = query_names(ORIGIN, n_domains)
-        hit_queries = all_queries[: args.names]
-        fill_queries = all_queries[args.names : args.names + args.fill_entries]
+        if args.mix == "mail":
+            # The hit runs replay --names lookups of the mail workload over the same n_domains
+            # the zone has (every question is data or a deliberate NXDOMAIN there); the warm-up
+            # asks its distinct keys once; the fill set is the zone's other keys.
+            hit_stream, hit_queries = mail_hit_queries(n_domains, args.names)
+            warmed = {dns_key(name, qtype) for name, qtype in hit_queries}
+            fill_queries = [q for q in all_queries if dns_key(*q) not in warmed]
+            fill_queries = fill_queries[: args.fill_entries]
+        else:
+            hit_stream = hit_queries = all_queries[: args.names]
+            fill_queries = all_queries[args.names : args.names + args.fill_entries]
         if len(fill_queries) < args.fill_entries:
             raise RuntimeError(f"zone yields {len(all_queries)} names, need more")
-        hit_file = write_queries(tmp / "hits.txt", hit_queries)
+        warm_file = hit_file = write_queries(tmp / "hits.txt", hit_queries)
+        if args.mix == "mail":
+            hit_file = write_queries(tmp / "mail-stream.txt", hit_stream)
         fill_file = write_queries(tmp / "fill.txt", fill_queries)
         log(f"zone: {n_domains} domains, {len(all_queries)} query names; "
             f"hit set {len(hit_queries)}, fill set {len(fill_queries)}")
+        if args.mix == "mail":
+            types = sorted({qtype for _, qtype in hit_stream})
+            log(f"mix mail: hit runs replay {len(hit_stream)} lookups (seed {MAIL_SEED}, "
+                f"types {','.join(types)}) over {len(hit_queries)} distinct keys, "
+                f"all warmed first")
 
         knot = stack.enter_context(Knot(LOOPBACK, origin=ORIGIN, n_domains=n_domains, workers=1))
         authority_port = knot.port
@@ -609,7 +652,7 @@ def bench(args: argparse.Namespace, python: str) -> int:
         # the RSS figure, before the timed rounds so every round sees the same cache.
         fill_entries: dict[str, int] = {}
         for server in started.values():
-            results.runs.append(measure(server, "warm", 0, hit_file, 120, True, counter))
+            results.runs.append(measure(server, "warm", 0, warm_file, 120, True, counter))
         for server in started.values():
             fill = measure(server, "fill", 0, fill_file, 300, True, counter)
             results.runs.append(fill)
@@ -622,7 +665,8 @@ def bench(args: argparse.Namespace, python: str) -> int:
             for server in started.values():
                 # Address records live 300 s (TTL_ADDRESS): top the hit set up before each
                 # round so a long --duration still measures hits (the knotd count shows it).
-                results.runs.append(measure(server, "warm", round_, hit_file, 120, True, counter))
+                results.runs.append(
+                    measure(server, "warm", round_, warm_file, 120, True, counter))
                 results.runs.append(
                     measure(server, "hit", round_, hit_file, args.duration, False, counter))
         miss_lines = int(args.miss_qps_cap * args.duration)
@@ -680,6 +724,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1,
                         help="resolver serve --workers N (N > 1: the resolver is not pinned to "
                              "a core, so dnsperf and knotd share the cores with it)")
+    parser.add_argument("--mix", choices=["mail"], default=None,
+                        help="mail: the hit runs replay --names lookups of the Zipf-skewed mail "
+                             "workload (resolver.bench.workload) over the zone's domains, after "
+                             "a warm-up with its distinct keys (default: query_names)")
     parser.add_argument("--py-spy", action="store_true",
                         help="after the timed runs, sample the resolver with py-spy")
     return parser.parse_args(argv)
