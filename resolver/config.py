@@ -23,6 +23,16 @@ LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 
 @dataclass(frozen=True)
+class ZoneForward:
+    """A zone sent to its own upstreams (e.g. a DNSBL zone to a resolver that may query it)."""
+
+    name: str  # lower case, absolute (trailing dot)
+    upstream: tuple[Endpoint, ...]
+    pps: int | None = None
+    burst: int | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The resolver's settings. TOML keys and `resolver serve` flags share these names."""
 
@@ -48,6 +58,10 @@ class Config:
 
     upstream_limits: tuple[tuple[Endpoint, int | None, int | None], ...] = ()
     """Per-upstream (address, pps, burst) from `[[upstream]]` tables (not a TOML key itself)."""
+
+    zone: tuple[ZoneForward, ...] = ()
+    """`[[zone]]` tables: name, upstream (list), pps, burst. Names in a zone go to its own
+    upstreams, with their own budget, instead of the primaries and fallbacks."""
 
     budget_reserve_fraction: float = 0.2
     """Share of each budget's burst kept for client misses: prefetch and probes never use it."""
@@ -288,6 +302,8 @@ def parse(mapping: Mapping[str, Any], source: str = "config") -> Config:
             if not isinstance(value, str):
                 raise ConfigError(f"{key}: must be a string")
             values[key] = value or None
+        elif key == "zone":
+            values[key] = _zones(value)
         elif key == "allow":
             values[key] = _networks(value)
         elif key == "log_level":
@@ -333,6 +349,21 @@ def budget_for(config: Config, endpoint: Endpoint) -> tuple[int | None, int | No
     if pps is None and endpoint.host.lower() in AWS_RESOLVER_ADDRESSES:
         pps = AWS_RESOLVER_PPS
     burst = burst if burst is not None else config.upstream_burst
+    return _worker_budget(config, pps, burst)
+
+
+def zone_budget(config: Config, zone: ZoneForward,
+                endpoint: Endpoint) -> tuple[int | None, int | None]:
+    """(pps, burst) for one upstream of a forwarded zone: the zone's own, else the AWS
+    resolver default for its addresses, else none (the global flags are for the main pool)."""
+    pps = zone.pps
+    if pps is None and endpoint.host.lower() in AWS_RESOLVER_ADDRESSES:
+        pps = AWS_RESOLVER_PPS
+    return _worker_budget(config, pps, zone.burst)
+
+
+def _worker_budget(config: Config, pps: int | None,
+                   burst: int | None) -> tuple[int | None, int | None]:
     if pps is None or config.workers == 1:
         return pps, burst
     # Several workers: each gets its share of the rate and of the burst (the default burst made
@@ -366,6 +397,43 @@ def for_worker(config: Config, index: int, default_control: str | None = None) -
     if control is not None and index > 0:
         control = f"{control}.{index}"
     return dataclasses.replace(config, worker_index=index, metrics=metrics, control=control)
+
+
+_ZONE_KEYS = ("name", "upstream", "pps", "burst")
+
+
+def zone_name(text: Any) -> str:
+    """`Zen.Spamhaus.org` → `zen.spamhaus.org.`; refuses what cannot be a domain name."""
+    if not isinstance(text, str) or not text.strip(". "):
+        raise ConfigError('zone: name must be a domain name such as "zen.spamhaus.org"')
+    name = text.strip().lower().rstrip(".") + "."
+    labels = name[:-1].split(".")
+    if len(name) > 254 or any(not 0 < len(label) <= 63 for label in labels):
+        raise ConfigError(f"zone: '{text}' is not a valid domain name")
+    return name
+
+
+def _zones(value: Any) -> tuple[ZoneForward, ...]:
+    out: list[ZoneForward] = []
+    for item in _as_list(value):
+        if not isinstance(item, Mapping):
+            raise ConfigError('zone: write [[zone]] tables with name = "..." and upstream = [...]')
+        unknown = sorted(set(item) - set(_ZONE_KEYS))
+        if unknown:
+            raise ConfigError(f"zone: unknown key '{unknown[0]}' in a [[zone]] table: use "
+                              f"{', '.join(_ZONE_KEYS)}")
+        if "upstream" not in item:
+            raise ConfigError('zone: a [[zone]] table needs upstream = ["HOST:PORT", ...]')
+        name = zone_name(item.get("name"))
+        if any(z.name == name for z in out):
+            raise ConfigError(f"zone: {name} is listed twice")
+        upstreams = _endpoints("zone", item["upstream"])
+        if not upstreams:
+            raise ConfigError(f"zone: {name} needs at least one upstream")
+        pps = _number("upstream_pps", item["pps"], int) if "pps" in item else None
+        burst = _number("upstream_burst", item["burst"], int) if "burst" in item else None
+        out.append(ZoneForward(name, upstreams, pps, burst))
+    return tuple(out)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -455,7 +523,8 @@ def finalize(config: Config, resolv_conf_text: str | None, ipv6_loopback: bool,
         if not upstream:
             raise ConfigError("upstream: none given and /etc/resolv.conf has no nameserver: "
                               "pass --upstream HOST:PORT or set upstream in the config file")
-    for server in upstream + config.fallback:
+    zoned = tuple(e for zone in config.zone for e in zone.upstream)
+    for server in upstream + config.fallback + zoned:
         if any(_same_socket(server, own) for own in listen):
             raise ConfigError(
                 f"upstream: {server} is this resolver's own listen address (a forwarding loop); "

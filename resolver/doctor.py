@@ -359,9 +359,8 @@ def check_dnsbl(probe: Probe, role: str = "") -> Check:
                      "spam unchecked.",
                      f"Send {zone} to a resolver of your own that queries the blocklist "
                      "directly (not through the VPC resolver or a public one), with a per-zone "
-                     f"forward:\n{snippet}\n(per-zone forwarding is the operations issue's "
-                     "item 4; until the running version accepts [[zone]], make that resolver "
-                     "this one's `upstream`, or use Spamhaus DQS with a key.)")
+                     f"forward in the config file:\n{snippet}\n(or use Spamhaus DQS with a "
+                     "key.)")
     if codes:
         return Check(name, WARN, f"{probe.describe()}: {codes[0]} means "
                      f"\"{DNSBL_ERRORS[codes[0]]}\"; the blocklist does not answer normally.",

@@ -59,6 +59,8 @@ class Engine:
         # Called (rarely, from the hit path) when an entry is due a refresh; the daemon sets it.
         self.on_prefetch = on_prefetch
         self._shapes: dict[bytes, tuple[bytes, bytes, bytes, int, int] | None] = {}
+        # Forwarded zones: (lower-case wire name, pool), asked before the main pool.
+        self.zones: list[tuple[bytes, Pool]] = []
         # Keys whose waiters already had a stale answer while the fetch goes on: later askers
         # get the stale answer at once instead of waiting for it again.
         self._stale_served: set[bytes] = set()
@@ -158,9 +160,32 @@ class Engine:
         upstream_question = info.name_lower + info.question[-4:]
         return [Fetch(key, upstream_question, info.do, info.cd)]
 
-    def resolution(self, now: float, background: bool = False) -> Resolution:
+    @property
+    def pools(self) -> list[Pool]:
+        """The main pool, then one pool per forwarded zone."""
+        return [self.pool, *(pool for _, pool in self.zones)]
+
+    def add_zone(self, name_wire: bytes, pool: Pool) -> None:
+        """Send names at or under name_wire (lower-case wire form) to their own pool."""
+        self.zones.append((name_wire, pool))
+
+    def pool_for(self, name_wire: bytes) -> Pool:
+        """The most specific forwarded zone holding this lower-case wire name, or the main
+        pool. Walking the labels from the left finds the longest matching zone first."""
+        if self.zones:
+            i = 0
+            while i < len(name_wire):
+                for suffix, pool in self.zones:
+                    if name_wire[i:] == suffix:
+                        return pool
+                i += name_wire[i] + 1
+        return self.pool
+
+    def resolution(self, now: float, background: bool = False,
+                   question: bytes = b"") -> Resolution:
         priority = Priority.BACKGROUND if background else Priority.CLIENT
-        return Resolution(self.pool, self.timing, now, priority)
+        pool = self.pool_for(question[:-4]) if question else self.pool
+        return Resolution(pool, self.timing, now, priority)
 
     def on_answer(self, key: bytes, scan: wire.ReplyScan, now: float) -> list[Reply]:
         """An upstream answered: cache what policy allows, answer every waiter from it."""

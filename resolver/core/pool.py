@@ -124,6 +124,7 @@ class Upstream:
         self.next_probe_at = now
         self.probe_interval = PROBE_FIRST_SECONDS
         self.link_local = _link_local(spec.endpoint.host)
+        self.pool: Pool | None = None  # the pool it belongs to (set by Pool)
         self.logged_rate: float | None = spec.pps
 
     @property
@@ -150,6 +151,9 @@ class Pool:
         if not specs:
             raise ValueError("a pool needs at least one upstream")
         self.upstreams = [Upstream(s, now, reserve_fraction, hold_seconds) for s in specs]
+        for upstream in self.upstreams:
+            upstream.pool = self
+        self.zone: str | None = None  # set for a per-zone pool (config [[zone]])
         self.by_endpoint = {u.endpoint: u for u in self.upstreams}
         self.primaries = [u for u in self.upstreams if u.role is Role.PRIMARY]
         self.fallbacks = [u for u in self.upstreams if u.role is Role.FALLBACK]

@@ -171,7 +171,9 @@ class Commands:
     def upstreams(self, now: float) -> dict[str, Any]:
         pool = self.service.engine.pool
         rows = []
-        for upstream in pool.upstreams:
+        every = [(u, f"zone {p.zone}" if p.zone else u.role.value)
+                 for p in self.service.engine.pools for u in p.upstreams]
+        for upstream, role in every:
             health, bucket, stats = upstream.health, upstream.bucket, upstream.stats
             window = health.window.totals(now)
             finished = window.answered + window.timeouts + window.errors
@@ -180,7 +182,7 @@ class Commands:
             last = health.last_transition
             rows.append({
                 "upstream": str(upstream.endpoint),
-                "role": upstream.role.value,
+                "role": role,
                 "state": upstream.state.value,
                 "configured_pps": bucket.configured_rate,
                 "learned_pps": health.learned_rate,

@@ -97,7 +97,8 @@ class Fetcher:
     def start(self, job: Fetch) -> None:
         """Resolve a key (called synchronously by the listeners and the hit path)."""
         now = self.clock()
-        resolution = self.engine.resolution(now, background=job.background)
+        resolution = self.engine.resolution(now, background=job.background,
+                                            question=job.question)
         stale_at = math.inf if job.background else now + self.stale_answer_timeout
         pending = Pending(job, resolution, stale_at)
         self.running += 1
@@ -130,7 +131,7 @@ class Fetcher:
     def _launch(self, pending: Pending, attempt: Try | None, upstream: Upstream,
                 now: float) -> None:
         job = pending.job
-        self.pool.on_sent(upstream, now)
+        upstream.pool.on_sent(upstream, now)
         qid = secrets.randbits(16)
         endpoint = upstream.endpoint
         family = socket.AF_INET6 if endpoint.family_v6 else socket.AF_INET
@@ -267,8 +268,8 @@ class Fetcher:
             # A probe's `. NS` refused by an authoritative-only upstream is still an answer:
             # it is alive (an ICMP refusal has no scan and stays a failure).
             outcome = Outcome.NODATA
-        self.pool.report(upstream, outcome, rtt, now, (job.question, job.do, job.cd))
-        if self.pool.pending_events:
+        upstream.pool.report(upstream, outcome, rtt, now, (job.question, job.do, job.cd))
+        if self._events_pending():
             self.log_events()
         if pending.done or attempt is None:
             return  # a hedge that lost, or a probe: the pool has what it needs
@@ -293,7 +294,7 @@ class Fetcher:
                 outcome, scan = result.outcome, result.scan
                 extra = tcp_packets(result.size) - _TCP_BASE_PACKETS
                 if extra > 0:
-                    self.pool.charge(upstream, extra, self.clock())
+                    upstream.pool.charge(upstream, extra, self.clock())
             if outcome is Outcome.TRUNCATED:
                 outcome = Outcome.TIMEOUT
         now = self.clock()
@@ -312,7 +313,7 @@ class Fetcher:
                                              remember=not pending.resolution.denied)
         for reply in replies:
             self.deliver(reply)
-        if self.pool.pending_events:
+        if self._events_pending():
             self.log_events()
 
     # -- probes and time-driven health ------------------------------------------------------
@@ -321,20 +322,27 @@ class Fetcher:
         now = self.clock()
         if not upstream.bucket.try_spend(1, now, Priority.BACKGROUND):
             return
-        question, do, cd = self.pool.last_good_question or ROOT_NS_QUESTION
+        question, do, cd = upstream.pool.last_good_question or ROOT_NS_QUESTION
         job = Fetch(b"", question, do, cd, background=True)
         self._launch(Pending(job, None, math.inf), None, upstream, now)
 
     async def ticker(self) -> None:
         while True:
             await trio.sleep(TICK_SECONDS)
-            for upstream in self.pool.tick(self.clock()):
-                self.probe(upstream)
+            now = self.clock()
+            for pool in self.engine.pools:
+                for upstream in pool.tick(now):
+                    self.probe(upstream)
             self.log_events()
 
     def log_events(self) -> None:
-        for event in self.pool.drain_events():
-            log.warning("%s", event)
+        for pool in self.engine.pools:
+            zone = f"zone {pool.zone} " if pool.zone else ""
+            for event in pool.drain_events():
+                log.warning("%s%s", zone, event)
+
+    def _events_pending(self) -> bool:
+        return any(pool.pending_events for pool in self.engine.pools)
 
 
 class EnaReader:

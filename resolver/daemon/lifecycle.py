@@ -42,7 +42,7 @@ SNAPSHOT_FILE = "cache.snapshot"
 # control endpoints, the ENA reader task.
 RESTART_KEYS = ("listen", "allow", "udp_buffer_bytes", "tcp_idle_timeout_seconds",
                 "tcp_max_connections", "metrics", "control", "ena_counters_command",
-                "ena_counters_file", "log_format", "workers")
+                "ena_counters_file", "log_format", "workers", "zone")
 # Keys the upstream pool is built from: a change to any means a new pool.
 POOL_KEYS = ("upstream", "fallback", "upstream_pps", "upstream_burst", "upstream_limits",
              "budget_reserve_fraction", "repoint_hold_seconds")

@@ -365,8 +365,11 @@ def _collect_cache(service: Service, f: dict[str, Any]) -> None:
 def _collect_upstreams(service: Service, f: dict[str, Any]) -> None:
     pool = service.engine.pool
     counts = service.counts
-    for upstream in pool.upstreams:
-        labels = [str(upstream.endpoint), upstream.role.value]
+    # Upstreams of forwarded zones carry role "zone:NAME": the same address may serve both.
+    every = [(u, f"zone:{p.zone}" if p.zone else u.role.value)
+             for p in service.engine.pools for u in p.upstreams]
+    for upstream, role in every:
+        labels = [str(upstream.endpoint), role]
         stats, bucket = upstream.stats, upstream.bucket
         f["upstream_packets_sent"].add_metric(labels, stats.sent)
         for outcome, n in sorted(dict(stats.outcomes).items(), key=lambda kv: kv[0].value):

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from resolver.config import Config, budget_for
+from resolver.config import Config, budget_for, zone_budget
 from resolver.core.cache import Cache, TtlPolicy
 from resolver.core.engine import Engine
 from resolver.core.model import Endpoint, Reply
@@ -60,7 +60,21 @@ def build_engine(config: Config, now: float | None = None) -> Engine:
     pool = Pool(specs, now, config.budget_reserve_fraction, config.repoint_hold_seconds)
     timing = Timing(config.upstream_timeout_seconds, config.query_deadline_seconds,
                     config.max_tries, config.queue_wait_seconds, config.queue_max)
-    return Engine(cache, pool, timing, prefetch_min_hits=config.prefetch_min_hits)
+    engine = Engine(cache, pool, timing, prefetch_min_hits=config.prefetch_min_hits)
+    for zone in config.zone:
+        zone_specs = [UpstreamSpec(endpoint, Role.PRIMARY, *zone_budget(config, zone, endpoint))
+                      for endpoint in zone.upstream]
+        zone_pool = Pool(zone_specs, now, config.budget_reserve_fraction,
+                         config.repoint_hold_seconds)
+        zone_pool.zone = zone.name
+        engine.add_zone(zone_wire(zone.name), zone_pool)
+    return engine
+
+
+def zone_wire(name: str) -> bytes:
+    """`zen.spamhaus.org.` → its lower-case wire form, as cache keys and questions hold it."""
+    labels = [label.encode("ascii", "replace") for label in name.rstrip(".").split(".")]
+    return b"".join(bytes((len(label),)) + label for label in labels) + b"\x00"
 
 
 @dataclass
@@ -245,11 +259,13 @@ async def _serve(config: Config, engine: Engine, acl: Acl,
 
 
 def _log_budgets(engine: Engine) -> None:
-    for upstream in engine.pool.upstreams:
-        bucket = upstream.bucket
-        log.info("upstream %s (%s): %s", upstream.endpoint, upstream.role.value,
-                 f"budget {bucket.rate:g} packets/s, burst {bucket.burst:g}" if bucket.limited
-                 else "no packet budget")
+    for pool in engine.pools:
+        for upstream in pool.upstreams:
+            bucket = upstream.bucket
+            role = f"zone {pool.zone}" if pool.zone else upstream.role.value
+            log.info("upstream %s (%s): %s", upstream.endpoint, role,
+                     f"budget {bucket.rate:g} packets/s, burst {bucket.burst:g}"
+                     if bucket.limited else "no packet budget")
 
 
 async def _on_signals(service: Service) -> None:
