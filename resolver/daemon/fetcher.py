@@ -309,6 +309,11 @@ class Fetcher:
         if pending.answer is not None:
             replies = self.engine.on_answer(job.key, pending.answer, now)
         else:
+            if pending.resolution.denied and not job.background:
+                # One line per event that matters; the repeat filter (daemon/logs.py) keeps a
+                # sustained shortage to one line per 10 s with a count.
+                log.warning("budget exhausted: no upstream had a token for a miss within "
+                            "the queue wait; answered from stale data or SERVFAIL")
             replies = self.engine.on_failure(job.key, now, background=job.background,
                                              remember=not pending.resolution.denied)
         for reply in replies:
