@@ -5,12 +5,13 @@ This interface is stable: tests, benchmarks and operators depend on it (DESIGN.m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -164,19 +165,27 @@ def _json_option(fn: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")(fn)
 
 
-def _ask(control_path: str | None, request: dict[str, Any]) -> dict[str, Any]:
-    """One request over the control socket; a missing daemon or an error is one line, exit 1."""
+@contextlib.contextmanager
+def _control_errors() -> Iterator[None]:
+    """A missing daemon or a socket error becomes one line and exit 1, for every command."""
     from resolver.daemon import control
 
     try:
-        path = control.path_or_default(control_path)
-        reply = control.call(path, request)
+        yield
     except control.NotRunning as e:
         raise click.ClickException(
             f"no resolver is running with control socket {e.args[0]} (or --control is "
             "wrong)") from None
     except (OSError, ValueError) as e:
         raise click.ClickException(f"control socket: {e}") from None
+
+
+def _ask(control_path: str | None, request: dict[str, Any]) -> dict[str, Any]:
+    """One request over the control socket; a missing daemon or an error is one line, exit 1."""
+    from resolver.daemon import control
+
+    with _control_errors():
+        reply = control.call(control.path_or_default(control_path), request)
     if "error" in reply:
         raise click.ClickException(reply["error"])
     return reply
@@ -255,7 +264,7 @@ def dump(control_path: str | None, as_json: bool) -> None:
     from resolver import control_text
     from resolver.daemon import control
 
-    try:
+    with _control_errors():
         path = control.path_or_default(control_path)
         for item in control.stream(path, {"command": "cache dump"}):
             if "error" in item:
@@ -266,12 +275,6 @@ def dump(control_path: str | None, as_json: bool) -> None:
                 click.echo(f";; {item['count']} entries")
             else:
                 click.echo(control_text.entry(item))
-    except control.NotRunning as e:
-        raise click.ClickException(
-            f"no resolver is running with control socket {e.args[0]} (or --control is "
-            "wrong)") from None
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f"control socket: {e}") from None
 
 
 @main.command()
