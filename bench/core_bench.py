@@ -220,49 +220,12 @@ class Server:
 
 def start_unbound(tmp: Path, authority_port: int) -> Server:
     port = free_port()
-    conf = tmp / "unbound.conf"
-    # A one-thread forwarding cache, no validator (so no aggressive NSEC, RFC 8198, and no
-    # RFC 8020 cut: every fresh NXDOMAIN name is a real upstream round trip). "test." is an
-    # RFC 6761 name unbound blocks by default, and 2.0.192.in-addr.arpa. (TEST-NET-1, RFC 6303)
-    # one it answers NXDOMAIN itself: nodefault sends both to the forwarder like the resolver.
-    conf.write_text(f"""\
-server:
-    num-threads: 1
-    interface: {LOOPBACK}@{port}
-    port: {port}
-    do-ip6: no
-    do-not-query-localhost: no
-    access-control: 127.0.0.0/8 allow
-    chroot: ""
-    username: ""
-    directory: "{tmp}"
-    pidfile: "{tmp}/unbound.pid"
-    use-syslog: no
-    logfile: ""
-    verbosity: 0
-    module-config: "iterator"
-    qname-minimisation: no
-    aggressive-nsec: no
-    prefetch: no
-    msg-cache-size: 512m
-    rrset-cache-size: 1024m
-    key-cache-size: 4m
-    neg-cache-size: 64m
-    local-zone: "{ORIGIN}" nodefault
-    local-zone: "{REVERSE_ORIGIN}" nodefault
-remote-control:
-    control-enable: no
-forward-zone:
-    name: "."
-    forward-addr: {LOOPBACK}@{authority_port}
-""")
-    check = subprocess.run(["unbound-checkconf", str(conf)], capture_output=True, text=True)
-    if check.returncode != 0:
-        raise RuntimeError(f"unbound-checkconf: {check.stdout}{check.stderr}")
-    process = Process(
-        "unbound", ["taskset", "-c", SERVER_CORE, "unbound", "-d", "-c", str(conf)],
-        tmp / "unbound.log", log=log,
-    )
+    process = harness.start_unbound(
+        tmp, LOOPBACK, port, [f"{LOOPBACK}@{authority_port}"], SERVER_CORE, log,
+        local_zones=[ORIGIN, REVERSE_ORIGIN],
+        options=["qname-minimisation: no", "aggressive-nsec: no", "prefetch: no",
+                 "msg-cache-size: 512m", "rrset-cache-size: 1024m", "key-cache-size: 4m",
+                 "neg-cache-size: 64m"])
     return Server("unbound", process, port)
 
 

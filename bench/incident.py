@@ -227,40 +227,10 @@ burst = {b.fallback_burst}
 def start_unbound(tmp: Path, port: int) -> Process:
     from resolver.bench.authority import REVERSE_ORIGIN
 
-    conf = tmp / "unbound.conf"
-    conf.write_text(f"""\
-server:
-    num-threads: 1
-    interface: {LISTEN}@{port}
-    port: {port}
-    do-ip6: no
-    do-not-query-localhost: no
-    access-control: 127.0.0.0/8 allow
-    chroot: ""
-    username: ""
-    directory: "{tmp}"
-    pidfile: "{tmp}/unbound.pid"
-    use-syslog: no
-    logfile: ""
-    verbosity: 1
-    module-config: "iterator"
-    prefetch: yes
-    msg-cache-size: 64m
-    rrset-cache-size: 128m
-    local-zone: "{ORIGIN}" nodefault
-    local-zone: "{REVERSE_ORIGIN}" nodefault
-remote-control:
-    control-enable: no
-forward-zone:
-    name: "."
-    forward-addr: {PRIMARY}@53
-    forward-addr: {FALLBACK}@53
-""")
-    check = subprocess.run(["unbound-checkconf", str(conf)], capture_output=True, text=True)
-    if check.returncode != 0:
-        raise RuntimeError(f"unbound-checkconf: {check.stdout}{check.stderr}")
-    return Process("unbound", ["taskset", "-c", SERVER_CORE, "unbound", "-d", "-c", str(conf)],
-                   tmp / "unbound.log", log=log)
+    return harness.start_unbound(
+        tmp, LISTEN, port, [f"{PRIMARY}@53", f"{FALLBACK}@53"], SERVER_CORE, log,
+        local_zones=[ORIGIN, REVERSE_ORIGIN], verbosity=1,
+        options=["prefetch: yes", "msg-cache-size: 64m", "rrset-cache-size: 128m"])
 
 
 def dnsmasq_has_cache_rr() -> bool:

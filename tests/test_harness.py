@@ -205,3 +205,21 @@ def test_venv_python_falls_back_to_this_interpreter(tmp_path: Path) -> None:
     existing = tmp_path / "python"
     existing.touch()
     assert harness.venv_python(existing) == str(existing)
+
+
+def test_unbound_config_is_accepted_and_unbound_answers(tmp_path: Path) -> None:
+    from conftest import require_binary
+
+    require_binary("unbound")
+    port = harness.free_port()
+    process = harness.start_unbound(tmp_path, "127.0.0.1", port, ["127.0.0.1@9"], "0",
+                                    lambda message: None, local_zones=["test."],
+                                    options=["prefetch: no", 'local-zone: "ready." static'])
+    try:
+        # A static local zone answers at once; the forwarder (port 9) never would.
+        harness.wait_answering(process, "127.0.0.1", port, "probe.ready.", timeout_seconds=15.0,
+                               retry_seconds=0.1)
+        conf = (tmp_path / "unbound.conf").read_text()
+        assert 'local-zone: "test." nodefault' in conf and "forward-addr: 127.0.0.1@9" in conf
+    finally:
+        process.stop()

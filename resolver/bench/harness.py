@@ -273,3 +273,47 @@ def git_state(repo: Path) -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return f"{head}{' + uncommitted changes in resolver/' if dirty else ''}"
     return "unknown"
+
+
+def start_unbound(tmp: Path, listen: str, port: int, forwarders: Sequence[str], core: str,
+                  log: Log, *, local_zones: Sequence[str], options: Sequence[str] = (),
+                  verbosity: int = 0) -> Process:
+    """unbound as a one-thread forwarding cache, the peer every benchmark compares against.
+
+    No validator (module-config "iterator"), so no aggressive NSEC (RFC 8198) or RFC 8020 cut:
+    every fresh NXDOMAIN name is a real upstream round trip, as for the resolver.
+    `local_zones` are set `nodefault`: unbound answers RFC 6761 names such as "test." and the
+    RFC 6303 TEST-NET reverse zones itself unless told not to. `options` are further
+    `server:` lines (cache sizes, prefetch); `forwarders` are "ADDR@PORT" strings.
+    """
+    conf = tmp / "unbound.conf"
+    lines = [
+        "server:",
+        "    num-threads: 1",
+        f"    interface: {listen}@{port}",
+        f"    port: {port}",
+        "    do-ip6: no",
+        "    do-not-query-localhost: no",
+        "    access-control: 127.0.0.0/8 allow",
+        '    chroot: ""',
+        '    username: ""',
+        f'    directory: "{tmp}"',
+        f'    pidfile: "{tmp}/unbound.pid"',
+        "    use-syslog: no",
+        '    logfile: ""',
+        f"    verbosity: {verbosity}",
+        '    module-config: "iterator"',
+        *(f"    {option}" for option in options),
+        *(f'    local-zone: "{zone}" nodefault' for zone in local_zones),
+        "remote-control:",
+        "    control-enable: no",
+        "forward-zone:",
+        '    name: "."',
+        *(f"    forward-addr: {forwarder}" for forwarder in forwarders),
+    ]
+    conf.write_text("\n".join(lines) + "\n")
+    check = subprocess.run(["unbound-checkconf", str(conf)], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"unbound-checkconf: {check.stdout}{check.stderr}")
+    return Process("unbound", ["taskset", "-c", core, "unbound", "-d", "-c", str(conf)],
+                   tmp / "unbound.log", log=log)
